@@ -1,0 +1,1 @@
+"""Lineage agent: spool -> derive -> crypto -> sink -> ingest -> api."""

@@ -1,0 +1,53 @@
+"""The capture contract between proxy and agent: one record per proxied request.
+
+The proxy builds a `CaptureRecord` on its hot path and hands it to the spool; the agent
+reads records back and derives lineage from them. The record is versioned: a reader meets
+a record whose `version` it does not know and rejects it with a clear error rather than
+guessing (see `agent.spool`). Adding an optional field with a default keeps the version;
+renaming, removing or retyping a field bumps it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+CAPTURE_VERSION = 1
+
+Decision = Literal["allow", "deny", "unauthenticated", "error", "none"]
+
+
+class CaptureRecord(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """What the proxy saw of one request, after authentication and authorization."""
+
+    version: int = CAPTURE_VERSION
+    request_id: str
+    # Wall-clock time the request arrived, nanoseconds since the Unix epoch.
+    time_ns: int
+    # Namespace of the data service behind this proxy, e.g. "https://sales-db.internal:8001".
+    service: str
+    principal: str | None = None
+    roles: tuple[str, ...] = ()
+    method: str
+    # The normalized path, exactly as the policy saw it and the upstream received it.
+    path: str
+    query: str = ""
+    route: str | None = None
+    resource: str | None = None
+    action: str | None = None
+    decision: Decision = "none"
+    rule: str | None = None
+    status: int
+    bytes_in: int = 0
+    bytes_out: int = 0
+    duration_us: int = 0
+    traceparent: str | None = None
+    tracestate: str | None = None
+    # Configured correlation headers (job or run ids), lower-cased names.
+    correlation: dict[str, str] = {}
+    # SQL text, for routes whose rule says where the SQL is (query parameter or body).
+    sql: str | None = None
+    sql_dialect: str | None = None
+    # Bounded excerpt of the request body, for routes that ask for it.
+    body_excerpt: str | None = None

@@ -1,0 +1,91 @@
+"""`lineage-sidecar`: the one console script, a subcommand per process or tool.
+
+Every subcommand takes `--config FILE`; a configuration that cannot be used ends the
+command with exit status 2 and one line on standard error naming the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from lineage_sidecar.config import ConfigError, load
+
+EXIT_CONFIG = 2
+
+
+def _cmd_proxy(args: argparse.Namespace) -> int:
+    config = load(args.config)
+    if args.check:
+        print(f"{args.config}: ok")
+        return 0
+    from proxy.supervisor import run
+
+    run(config)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from lineage_sidecar.demo import run_demo
+
+    return run_demo(
+        listen=args.listen, admin=args.admin, state_dir=args.state_dir, config_path=args.config
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lineage-sidecar",
+        description="Authorization proxy and lineage agent that run beside a data service.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    proxy = commands.add_parser(
+        "proxy",
+        help="run the TLS reverse proxy in front of a data service",
+        description="Run the proxy until SIGINT/SIGTERM, which drain in-flight requests.",
+    )
+    proxy.add_argument("--config", required=True, help="YAML configuration file")
+    proxy.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    proxy.set_defaults(func=_cmd_proxy)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run the whole product on this machine with embedded defaults",
+        description=(
+            "Start a sample data service (Datasette) behind the proxy with TLS, print what to "
+            "try, write the endpoints to <state-dir>/endpoints.json; Ctrl-C stops it all."
+        ),
+    )
+    demo.add_argument("--config", help="optional YAML file whose sections override the demo's")
+    demo.add_argument("--listen", default="127.0.0.1:8443", help="proxy address (host:port)")
+    demo.add_argument("--admin", default="127.0.0.1:9901", help="admin address (host:port)")
+    demo.add_argument("--state-dir", default="var/demo", help="where the demo keeps its files")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"lineage-sidecar: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        # Start-up failures that operators fix (address in use, unreadable certificate)
+        # end with one line, not a traceback.
+        from proxy.listener import StartupError
+
+        if isinstance(exc, StartupError):
+            print(f"lineage-sidecar: {exc}", file=sys.stderr)
+            return 1
+        raise
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,399 @@
+"""One YAML file, parsed once at start into frozen, validated structs.
+
+`load()` reads the file, applies environment overrides, validates every field against the
+declarations below and returns a frozen `Config`. Any problem ends in a `ConfigError` whose
+message is one line naming the file and the field, so `lineage-sidecar ... --config FILE`
+can print it and exit non-zero. Each field is documented once, here, through
+`msgspec.Meta(description=...)`; `docs/configuration.md` is generated from these
+declarations (`python -m lineage_sidecar.configdoc`).
+
+Environment overrides: `LINEAGE_SIDECAR_<SECTION>__<FIELD>[__<FIELD>...]=value`, e.g.
+`LINEAGE_SIDECAR_PROXY__WORKERS=4` or `LINEAGE_SIDECAR_PROXY__TLS__ENABLED=false`. The value
+is read as a YAML scalar or flow collection, so numbers, booleans and `[a, b]` lists work.
+
+Secrets (`Secret` fields) are given as `file:/path/to/secret` or `env:VARIABLE`, resolved at
+load; an inline value is accepted for development but logged as a warning.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import yaml
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "LINEAGE_SIDECAR_"
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message is one line naming the field."""
+
+
+class Secret:
+    """A secret value resolved from `file:` or `env:`; never printed."""
+
+    __slots__ = ("source", "value")
+
+    def __init__(self, value: str, source: str) -> None:
+        self.value = value
+        self.source = source
+
+    def __repr__(self) -> str:
+        return f"Secret(source={self.source!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other.value == self.value
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+
+_LISTEN_RE = re.compile(
+    r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.\-]+)):(?P<port>\d{1,5})$"
+)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split `host:port` (or `[v6]:port`) into a bindable host and port, or raise ValueError."""
+    match = _LISTEN_RE.match(value)
+    if match is None:
+        raise ValueError(f"listen address must be host:port or [ipv6]:port, got {value!r}")
+    port = int(match["port"])
+    if port > 65535:
+        raise ValueError(f"port {port} is out of range 0-65535")
+    if match["v6"] is not None:
+        try:
+            ipaddress.IPv6Address(match["v6"])
+        except ValueError:
+            raise ValueError(f"{match['v6']!r} is not an IPv6 address") from None
+        return match["v6"], port
+    return match["host"], port
+
+
+Listen = Annotated[str, msgspec.Meta(pattern=r"^\S+:\d{1,5}$")]
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=86400)]
+
+
+def _doc(text: str) -> msgspec.Meta:
+    return msgspec.Meta(description=text)
+
+
+class TLSConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """TLS termination on the proxy listener."""
+
+    enabled: Annotated[bool, _doc("Terminate TLS on the proxy listener.")] = True
+    cert_file: Annotated[
+        str | None,
+        _doc(
+            "PEM certificate chain. When both cert_file and key_file are null, a development "
+            "CA and certificate are generated under self_signed_dir on first start (a warning "
+            "is logged)."
+        ),
+    ] = None
+    key_file: Annotated[str | None, _doc("PEM private key for cert_file.")] = None
+    key_password: Annotated[
+        Secret | None, _doc("Password of an encrypted key_file (file: or env: reference).")
+    ] = None
+    min_version: Annotated[
+        Literal["1.2", "1.3"],
+        _doc("Lowest TLS version accepted. 1.2 only when clients need it."),
+    ] = "1.3"
+    self_signed_dir: Annotated[str, _doc("Where the development CA and certificate are kept.")] = (
+        "var/tls"
+    )
+    reload_interval: Annotated[
+        Seconds,
+        _doc("How often the certificate and key files are checked for changes (seconds)."),
+    ] = 2.0
+
+
+class TimeoutsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Upstream timeouts; exceeding them answers 504 (read) or 502 (connect)."""
+
+    connect: Annotated[Seconds, _doc("Opening a connection to the upstream (seconds).")] = 5.0
+    read: Annotated[
+        Seconds,
+        _doc("Waiting for the upstream's response headers, and between body chunks (seconds)."),
+    ] = 60.0
+    client_body: Annotated[
+        Seconds, _doc("Waiting for the next piece of the client's request body (seconds).")
+    ] = 60.0
+    shutdown: Annotated[
+        Seconds, _doc("How long in-flight requests may run on after a stop signal (seconds).")
+    ] = 15.0
+
+
+class LimitsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Request limits. Oversized headers answer 431, oversized bodies 413."""
+
+    max_header_bytes: Annotated[
+        int, msgspec.Meta(ge=256, le=1048576), _doc("Largest single header line (bytes).")
+    ] = 8190
+    max_headers: Annotated[
+        int, msgspec.Meta(ge=8, le=1000), _doc("Most header fields in one request.")
+    ] = 100
+    max_request_line_bytes: Annotated[
+        int, msgspec.Meta(ge=256, le=1048576), _doc("Longest request line (bytes).")
+    ] = 8190
+    max_body_bytes: Annotated[
+        Annotated[int, msgspec.Meta(ge=0)] | None,
+        _doc("Largest request body (bytes); null means no limit. Bodies are streamed."),
+    ] = None
+
+
+class UpstreamPoolConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Keep-alive connections to the upstream."""
+
+    max_connections: Annotated[
+        int, msgspec.Meta(ge=1, le=10000), _doc("Connections open to the upstream at most.")
+    ] = 256
+    max_idle: Annotated[
+        int, msgspec.Meta(ge=0, le=10000), _doc("Idle keep-alive connections kept at most.")
+    ] = 64
+    idle_timeout: Annotated[
+        Seconds,
+        _doc("Idle connections are closed after this long; keep it below the upstream's own."),
+    ] = 15.0
+
+
+class ProxyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The proxy listener and the data service behind it."""
+
+    upstream: Annotated[
+        str,
+        _doc("Base URL of the data service, http://host:port (a path prefix is allowed)."),
+    ]
+    listen: Annotated[Listen, _doc("Address the proxy listens on, host:port.")] = "127.0.0.1:8443"
+    workers: Annotated[
+        int,
+        msgspec.Meta(ge=1, le=64),
+        _doc("Worker processes sharing the port through SO_REUSEPORT."),
+    ] = 1
+    service_name: Annotated[
+        str | None,
+        _doc("Name of the data service in lineage (namespace); defaults to the upstream URL."),
+    ] = None
+    preserve_host: Annotated[
+        bool,
+        _doc("Send the client's Host header upstream (true) or the upstream's host (false)."),
+    ] = True
+    trusted_proxies: Annotated[
+        list[str],
+        _doc(
+            "CIDRs of proxies in front of this one whose X-Forwarded-* and Forwarded headers "
+            "are trusted. From anyone else they are replaced."
+        ),
+    ] = []
+    tls: TLSConfig = TLSConfig()
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    limits: LimitsConfig = LimitsConfig()
+    pool: UpstreamPoolConfig = UpstreamPoolConfig()
+
+
+class AdminConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The admin listener: /healthz, /readyz, /metrics."""
+
+    listen: Annotated[
+        Listen, _doc("Address of the admin listener; keep it on loopback or a private network.")
+    ] = "127.0.0.1:9901"
+
+
+class LogConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Process log and access log."""
+
+    level: Annotated[Literal["debug", "info", "warning", "error"], _doc("Process log level.")] = (
+        "info"
+    )
+    access_log: Annotated[
+        str | None,
+        _doc(
+            "Structured JSON access log: a file path, '-' for standard output, or null for "
+            "none. Written in batches off the request path."
+        ),
+    ] = "-"
+    access_log_buffer: Annotated[
+        int,
+        msgspec.Meta(ge=100, le=10_000_000),
+        _doc("Access log entries held before new ones are dropped (and counted)."),
+    ] = 100_000
+
+
+class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The whole configuration file."""
+
+    proxy: ProxyConfig
+    admin: AdminConfig = AdminConfig()
+    log: LogConfig = LogConfig()
+
+
+def _resolve_secret(raw: str, field_path: str) -> Secret:
+    if raw.startswith("file:"):
+        path = raw[len("file:") :]
+        try:
+            return Secret(Path(path).read_text().rstrip("\r\n"), source=raw)
+        except OSError as exc:
+            raise ValueError(f"cannot read secret file {path!r}: {exc.strerror}") from None
+    if raw.startswith("env:"):
+        name = raw[len("env:") :]
+        value = os.environ.get(name)
+        if value is None:
+            raise ValueError(f"environment variable {name!r} is not set")
+        return Secret(value, source=raw)
+    log.warning("config field %s holds an inline secret; prefer file: or env:", field_path)
+    return Secret(raw, source="inline")
+
+
+def _dec_hook(kind: type, value: Any) -> Any:
+    if kind is Secret:
+        if not isinstance(value, str):
+            raise ValueError("a secret must be a string: file:PATH, env:NAME or the value")
+        return _resolve_secret(value, "secret")
+    raise NotImplementedError(f"cannot decode {kind!r}")
+
+
+def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, text in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
+        if not all(path):
+            raise ConfigError(f"{name}: empty section or field name")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        node: dict[str, Any] = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{name}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+
+
+_MSGSPEC_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+
+
+def _field_path(message: str) -> tuple[str, str]:
+    """Turn msgspec's "... - at `$.proxy.workers`" into ("proxy.workers", "...")."""
+    match = _MSGSPEC_PATH.search(message)
+    if match is None:
+        return "", message
+    path = match["path"].lstrip(".")
+    return path, message[: match.start()]
+
+
+def _check(config: Config) -> None:
+    """Checks that span fields or need more than a type: each raises ConfigError."""
+    for field, value in (
+        ("proxy.listen", config.proxy.listen),
+        ("admin.listen", config.admin.listen),
+    ):
+        try:
+            parse_listen(value)
+        except ValueError as exc:
+            raise ConfigError(f"{field}: {exc}") from None
+    try:
+        parse_upstream(config.proxy.upstream)
+    except ValueError as exc:
+        raise ConfigError(f"proxy.upstream: {exc}") from None
+    tls = config.proxy.tls
+    if tls.enabled and (tls.cert_file is None) != (tls.key_file is None):
+        raise ConfigError("proxy.tls: give both cert_file and key_file, or neither for a dev cert")
+    for index, cidr in enumerate(config.proxy.trusted_proxies):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"proxy.trusted_proxies[{index}]: {cidr!r} is not an IP network"
+            ) from None
+
+
+class UpstreamAddress(msgspec.Struct, frozen=True):
+    """The parsed upstream URL."""
+
+    scheme: str
+    host: str
+    port: int
+    base_path: str
+
+    @property
+    def authority(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+_UPSTREAM_RE = re.compile(
+    r"^(?P<scheme>https?)://(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.\-]+))"
+    r"(?::(?P<port>\d{1,5}))?(?P<path>/[^?#]*)?$"
+)
+
+
+def parse_upstream(url: str) -> UpstreamAddress:
+    """Parse `http://host:port[/prefix]`; https upstreams are not supported yet."""
+    match = _UPSTREAM_RE.match(url)
+    if match is None:
+        raise ValueError(f"expected http://host:port[/path], got {url!r}")
+    if match["scheme"] != "http":
+        raise ValueError("only http:// upstreams are supported (the sidecar runs beside it)")
+    port = int(match["port"] or 80)
+    if not 0 < port <= 65535:
+        raise ValueError(f"port {port} is out of range 1-65535")
+    base_path = (match["path"] or "").rstrip("/")
+    return UpstreamAddress(
+        scheme=match["scheme"], host=match["v6"] or match["host"], port=port, base_path=base_path
+    )
+
+
+def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Read, override from the environment, validate. Raises ConfigError (one line)."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: cannot read: {exc}") from None
+    if len(text) > 1_000_000:
+        raise ConfigError(f"{source}: larger than 1 MB; this is not a configuration file")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{source}{where}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    return from_mapping(raw, source=source, environ=os.environ if environ is None else environ)
+
+
+def from_mapping(
+    raw: dict[str, Any], *, source: str = "<config>", environ: Mapping[str, str] | None = None
+) -> Config:
+    """Validate an already-parsed mapping (after environment overrides)."""
+    _apply_env(raw, environ or {})
+    try:
+        config = msgspec.convert(raw, Config, dec_hook=_dec_hook, strict=True)
+    except msgspec.ValidationError as exc:
+        field, problem = _field_path(str(exc))
+        where = f" {field}:" if field else ""
+        raise ConfigError(f"{source}:{where} {problem}") from None
+    try:
+        _check(config)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return config

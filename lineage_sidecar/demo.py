@@ -1,0 +1,208 @@
+"""`lineage-sidecar demo`: the product on one machine, with embedded defaults.
+
+Starts a real third-party data service (Datasette serving a small SQLite database of
+sales data) on a free loopback port, puts the proxy in front of it with TLS from a
+generated development CA, prints what to try, and writes the same facts as JSON to
+`<state-dir>/endpoints.json`. Ctrl-C (or SIGTERM) stops everything.
+
+What the demo does not have yet is written as null in endpoints.json, not faked: the
+lineage API (`api_url`), the policy directory and demo users arrive with the
+authentication, authorization and lineage issues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from lineage_sidecar.config import Config, from_mapping, parse_listen
+from proxy.supervisor import Proxy, configure_logging
+
+SAMPLE_ROWS: dict[str, tuple[str, list[tuple[object, ...]]]] = {
+    "customers": (
+        "CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT NOT NULL, region TEXT)",
+        [(1, "Acme Corp", "EMEA"), (2, "Globex", "AMER"), (3, "Initech", "APAC")],
+    ),
+    "orders": (
+        "CREATE TABLE orders (id INTEGER PRIMARY KEY, customer_id INTEGER REFERENCES "
+        "customers(id), amount REAL NOT NULL, placed_at TEXT NOT NULL)",
+        [
+            (1, 1, 1200.0, "2026-11-01"),
+            (2, 2, 830.5, "2026-11-02"),
+            (3, 1, 99.9, "2026-11-03"),
+            (4, 3, 4100.0, "2026-11-04"),
+        ],
+    ),
+}
+
+
+def make_sample_database(path: Path) -> None:
+    """(Re)create the demo's SQLite database."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        for create, rows in SAMPLE_ROWS.values():
+            db.execute(create)
+            table = create.split()[2]
+            marks = ",".join("?" * len(rows[0]))
+            db.executemany(f"INSERT INTO {table} VALUES ({marks})", rows)  # noqa: S608
+        db.commit()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def start_datasette(database: Path, port: int, log_path: Path) -> subprocess.Popen[bytes]:
+    """Start Datasette on loopback and wait until it answers (or raise RuntimeError)."""
+    log_file = log_path.open("ab")
+    process = subprocess.Popen(  # noqa: S603 (our own interpreter, fixed arguments)
+        [
+            sys.executable, "-m", "datasette", "serve", str(database),
+            "--host", "127.0.0.1", "--port", str(port),
+            "--setting", "sql_time_limit_ms", "2000",
+        ],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    log_file.close()
+    deadline = time.monotonic() + 30
+    url = f"http://127.0.0.1:{port}/-/versions.json"
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"Datasette exited with {process.returncode}; see {log_path}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as reply:
+                if reply.status == 200:
+                    return process
+        except OSError:
+            time.sleep(0.2)
+    process.terminate()
+    raise RuntimeError(f"Datasette did not answer on port {port} within 30 s; see {log_path}")
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def demo_config(
+    listen: str, admin: str, upstream: str, state_dir: Path, overrides: dict[str, Any]
+) -> Config:
+    raw: dict[str, Any] = {
+        "proxy": {
+            "listen": listen,
+            "upstream": upstream,
+            "service_name": "demo-sales",
+            "tls": {"self_signed_dir": str(state_dir / "tls")},
+        },
+        "admin": {"listen": admin},
+        "log": {"access_log": str(state_dir / "access.log")},
+    }
+    for section, values in overrides.items():
+        if isinstance(values, dict) and isinstance(raw.get(section), dict):
+            raw[section].update(values)
+        else:
+            raw[section] = values
+    return from_mapping(raw, source="demo", environ=os.environ)
+
+
+def endpoints(config: Config, proxy: Proxy, upstream: str) -> dict[str, Any]:
+    host, _ = parse_listen(config.proxy.listen)
+    admin_host, _ = parse_listen(config.admin.listen)
+    scheme = "https" if config.proxy.tls.enabled else "http"
+    ca = proxy.tls_paths.ca_file if proxy.tls_paths is not None else None
+    return {
+        "proxy_url": f"{scheme}://{host}:{proxy.port}",
+        "admin_url": f"http://{admin_host}:{proxy.admin_port}",
+        "api_url": None,
+        "upstream_url": upstream,
+        "ca_cert": str(ca.resolve()) if ca is not None else None,
+        "policy_dir": None,
+        "users": [],
+    }
+
+
+def print_try_lines(facts: dict[str, Any]) -> None:
+    proxy = facts["proxy_url"]
+    cacert = f"--cacert {facts['ca_cert']} " if facts["ca_cert"] else ""
+    lines = [
+        "",
+        "Lineage Sidecar demo is running. Try:",
+        f"  curl {cacert}{proxy}/sales/orders.json",
+        f"  curl {cacert}'{proxy}/sales.json?sql=select+name,+sum(amount)+from+orders+join+"
+        "customers+on+customers.id=customer_id+group+by+name'",
+        f"  curl {facts['admin_url']}/readyz",
+        f"  curl {facts['admin_url']}/metrics",
+        "",
+        "Not in the demo yet (null in endpoints.json): authentication and demo users,",
+        "policies, the lineage agent and its API.",
+        "Press Ctrl-C to stop.",
+        "",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+async def _run(config: Config, state_dir: Path, upstream: str) -> None:
+    proxy = Proxy(config)
+    await proxy.start()
+    try:
+        facts = endpoints(config, proxy, upstream)
+        path = state_dir / "endpoints.json"
+        path.write_text(json.dumps(facts, indent=2) + "\n")
+        print(f"endpoints written to {path}")
+        print_try_lines(facts)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        print("stopping the demo ...", flush=True)
+    finally:
+        await proxy.stop()
+
+
+def run_demo(*, listen: str, admin: str, state_dir: str, config_path: str | None) -> int:
+    configure_logging("info")
+    state = Path(state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    overrides: dict[str, Any] = {}
+    if config_path is not None:
+        import yaml
+
+        overrides = yaml.safe_load(Path(config_path).read_text()) or {}
+    database = state / "sales.db"
+    make_sample_database(database)
+    port = free_port()
+    upstream = f"http://127.0.0.1:{port}"
+    config = demo_config(listen, admin, upstream, state, overrides)
+    datasette = start_datasette(database, port, state / "datasette.log")
+    try:
+        uvloop.run(_run(config, state, upstream))
+    finally:
+        stop_process(datasette)
+        (state / "endpoints.json").unlink(missing_ok=True)
+    return 0

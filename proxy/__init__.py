@@ -1,0 +1,1 @@
+"""Authorization proxy: listener -> tls -> authn -> authz -> forward -> audit -> tap."""

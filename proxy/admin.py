@@ -1,0 +1,78 @@
+"""The admin listener: liveness, readiness with reasons, and Prometheus metrics.
+
+`/healthz` answers 200 while the process runs. `/readyz` runs every readiness check and
+answers 200 only when all pass, else 503 with the reasons as JSON, so an operator (or a
+Kubernetes probe's log) sees *why*. `/metrics` is the Prometheus text exposition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import msgspec
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from proxy.metrics import render
+
+# A readiness check returns None when ready, or the reason it is not.
+ReadinessCheck = Callable[[], Awaitable[str | None]]
+
+
+class Readiness(msgspec.Struct):
+    ready: bool
+    reasons: list[str]
+
+
+class TCPProbe:
+    """Is something accepting connections at host:port? Cached briefly to spare it."""
+
+    def __init__(self, name: str, host: str, port: int, *, ttl: float = 1.0) -> None:
+        self._name = name
+        self._host = host
+        self._port = port
+        self._ttl = ttl
+        self._checked_at = -1e9
+        self._last: str | None = None
+
+    async def __call__(self) -> str | None:
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._checked_at < self._ttl:
+            return self._last
+        try:
+            async with asyncio.timeout(1.0):
+                _, writer = await asyncio.open_connection(self._host, self._port)
+            writer.close()
+            self._last = None
+        except (OSError, TimeoutError) as exc:
+            detail = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+            self._last = f"{self._name} {self._host}:{self._port} unreachable: {detail}"
+        self._checked_at = loop.time()
+        return self._last
+
+
+def admin_app(checks: list[ReadinessCheck], registry: CollectorRegistry | None) -> web.Application:
+    encoder = msgspec.json.Encoder()
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(_: web.Request) -> web.Response:
+        results = await asyncio.gather(*(check() for check in checks))
+        reasons = [r for r in results if r is not None]
+        body = encoder.encode(Readiness(ready=not reasons, reasons=reasons))
+        return web.Response(
+            status=200 if not reasons else 503, body=body, content_type="application/json"
+        )
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(
+            body=render(registry), headers={"Content-Type": "text/plain; version=0.0.4"}
+        )
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app

@@ -1,0 +1,414 @@
+"""Forwarding: one client request to the upstream and its answer back, streamed.
+
+What the upstream sees is built here, and only here: the method as parsed, the request
+target exactly as the client sent it (origin-form only; normalization is the authz stage's
+job), `HTTP/1.1` always, the client's end-to-end headers, and the proxy's own
+`X-Forwarded-For/-Proto/-Host`, `Forwarded` and `X-Request-Id`. Hop-by-hop headers, the
+headers a `Connection` header names, and client-supplied forwarding headers (unless the
+peer is a trusted proxy) never pass. Bodies are streamed both ways; a small complete
+response is sent in one write.
+
+Errors answer with a short JSON body: 400/413/431 for the client's faults, 502 when the
+upstream cannot be reached or breaks the exchange, 504 when it is too slow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import re
+import time
+from collections.abc import Iterable
+
+import msgspec
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from multidict import CIMultiDict
+
+from lineage_sidecar.config import ProxyConfig, parse_upstream
+from proxy.accesslog import AccessLog
+from proxy.metrics import ProxyMetrics
+from proxy.upstream import UpstreamConnection, UpstreamError, UpstreamPool
+
+log = logging.getLogger(__name__)
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+# Request headers the proxy sets itself: the client's copies are dropped.
+PROXY_SET = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"expect",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+        b"x-forwarded-prefix",
+        b"x-real-ip",
+        b"forwarded",
+        b"x-request-id",
+    }
+)
+# Response headers whose framing the proxy decides itself.
+RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
+
+# Responses up to this size that have fully arrived are answered in one write.
+SMALL_BODY = 64 * 1024
+
+_HOST_RE = re.compile(r"^(?:[A-Za-z0-9\-._~]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?$")
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9\-_.:]{1,128}$")
+
+
+class ErrorBody(msgspec.Struct):
+    error: str
+    message: str
+    request_id: str
+
+
+encode_error = msgspec.json.Encoder().encode
+
+
+def error_response(status: int, error: str, message: str, request_id: str) -> web.Response:
+    body = encode_error(ErrorBody(error=error, message=message, request_id=request_id))
+    return web.Response(
+        status=status,
+        body=body,
+        headers={"Content-Type": "application/json", "X-Request-Id": request_id},
+    )
+
+
+class ClientError(Exception):
+    """A request the proxy refuses to forward; answered with `status`."""
+
+    def __init__(self, status: int, error: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.message = message
+
+
+def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    tokens.discard(b"")
+    return frozenset(tokens)
+
+
+def _quote_forwarded(node: str) -> str:
+    """RFC 7239 node: IPv6 addresses are bracketed and quoted."""
+    return f'"[{node}]"' if ":" in node else node
+
+
+class Forwarder:
+    """The request handler: validates framing, forwards, streams the answer back."""
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        metrics: ProxyMetrics,
+        access_log: AccessLog | None,
+        *,
+        scheme: str,
+    ) -> None:
+        upstream = parse_upstream(config.upstream)
+        self._config = config
+        self._metrics = metrics
+        self._access_log = access_log
+        self._scheme = scheme
+        self._base_path = upstream.base_path.encode("ascii")
+        self._upstream_host = upstream.authority.encode("ascii")
+        self._trusted = tuple(ipaddress.ip_network(c, strict=False) for c in config.trusted_proxies)
+        self._trusted_cache: dict[str, bool] = {}
+        self._read_timeout = config.timeouts.read
+        self._body_timeout = config.timeouts.client_body
+        self._max_body = config.limits.max_body_bytes
+        self._upstream_addr = (upstream.host, upstream.port)
+        self.pool: UpstreamPool | None = None
+
+    def start(self) -> None:
+        pool = self._config.pool
+        self.pool = UpstreamPool(
+            self._upstream_addr[0],
+            self._upstream_addr[1],
+            max_connections=pool.max_connections,
+            max_idle=pool.max_idle,
+            idle_timeout=pool.idle_timeout,
+            connect_timeout=self._config.timeouts.connect,
+        )
+
+    def _is_trusted(self, peer: str | None) -> bool:
+        if peer is None or not self._trusted:
+            return False
+        known = self._trusted_cache.get(peer)
+        if known is None:
+            try:
+                address = ipaddress.ip_address(peer)
+            except ValueError:
+                known = False
+            else:
+                known = any(address in net for net in self._trusted)
+            if len(self._trusted_cache) < 10_000:
+                self._trusted_cache[peer] = known
+        return known
+
+    # --- request head -------------------------------------------------------------------
+    def _request_head(self, request: web.BaseRequest, request_id: str, framing: bytes) -> bytes:
+        target = request.raw_path
+        if not target.startswith("/"):
+            raise ClientError(
+                400, "bad_request_target", "only origin-form request targets (/path) are accepted"
+            )
+        if not target.isascii():
+            raise ClientError(400, "bad_request_target", "the request target must be ASCII")
+        raw_headers = request.raw_headers
+        host = request.headers.get("Host")
+        if host is None:
+            if request.version >= (1, 1):
+                raise ClientError(400, "missing_host", "HTTP/1.1 requests need a Host header")
+            host = self._upstream_host.decode("ascii")
+        elif not _HOST_RE.match(host):
+            raise ClientError(400, "bad_host", "the Host header is not a valid host[:port]")
+
+        peer = request.remote
+        trusted = self._is_trusted(peer)
+        dropped = _connection_tokens(raw_headers)
+        lines: list[bytes] = [
+            request.method.encode("ascii"), b" ", self._base_path, target.encode("ascii"),
+            b" HTTP/1.1\r\nHost: ",
+            host.encode("ascii") if self._config.preserve_host else self._upstream_host,
+            b"\r\n",
+        ]  # fmt: skip
+        prior_for = b""
+        prior_proto = b""
+        prior_host = b""
+        for name, value in raw_headers:
+            lname = name.lower()
+            if lname in HOP_BY_HOP or lname in PROXY_SET or lname in dropped:
+                if trusted:
+                    if lname == b"x-forwarded-for":
+                        prior_for = value
+                    elif lname == b"x-forwarded-proto":
+                        prior_proto = value
+                    elif lname == b"x-forwarded-host":
+                        prior_host = value
+                continue
+            lines += (name, b": ", value, b"\r\n")
+        peer_text = peer or "unknown"
+        forwarded_for = (
+            prior_for + b", " + peer_text.encode("ascii")
+            if prior_for
+            else peer_text.encode("ascii")
+        )
+        proto = prior_proto or self._scheme.encode("ascii")
+        fwd_host = prior_host or host.encode("ascii")
+        lines += (
+            b"X-Forwarded-For: ", forwarded_for, b"\r\n",
+            b"X-Forwarded-Proto: ", proto, b"\r\n",
+            b"X-Forwarded-Host: ", fwd_host, b"\r\n",
+            b"Forwarded: for=", _quote_forwarded(peer_text).encode("ascii"),
+            b";proto=", proto, b";host=\"", fwd_host, b"\"\r\n",
+            b"X-Request-Id: ", request_id.encode("ascii"), b"\r\n",
+            framing, b"\r\n",
+        )  # fmt: skip
+        return b"".join(lines)
+
+    def _framing(self, request: web.BaseRequest) -> tuple[bytes, int | None, bool]:
+        """Check the body's framing; returns (header lines, length, chunked)."""
+        headers = request.headers
+        te_values = headers.getall("Transfer-Encoding", [])
+        cl_values = headers.getall("Content-Length", [])
+        if te_values:
+            if request.version < (1, 1):
+                raise ClientError(
+                    400, "bad_framing", "Transfer-Encoding is not allowed in HTTP/1.0 requests"
+                )
+            if cl_values:
+                raise ClientError(
+                    400, "bad_framing", "both Content-Length and Transfer-Encoding were sent"
+                )
+            if len(te_values) != 1 or te_values[0].strip().lower() != "chunked":
+                raise ClientError(
+                    400, "bad_framing", "only 'Transfer-Encoding: chunked' is accepted"
+                )
+            return b"Transfer-Encoding: chunked\r\n", None, True
+        if cl_values:
+            if len(cl_values) != 1 or not cl_values[0].isdigit():
+                raise ClientError(400, "bad_framing", "invalid Content-Length")
+            length = int(cl_values[0])
+            if self._max_body is not None and length > self._max_body:
+                raise ClientError(
+                    413, "body_too_large", f"the request body is larger than {self._max_body} bytes"
+                )
+            if length:
+                return b"Content-Length: " + cl_values[0].encode("ascii") + b"\r\n", length, False
+            if request.method in ("POST", "PUT", "PATCH"):
+                return b"Content-Length: 0\r\n", 0, False
+        return b"", 0, False
+
+    # --- handler ------------------------------------------------------------------------
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
+        request_id = os.urandom(12).hex()
+        status = 500
+        size = 0
+        try:
+            response = await self._forward(request, request_id)
+            status = response.status
+            size = response.body_length
+            return response
+        except ClientError as exc:
+            status = exc.status
+            self._metrics.rejected.labels(str(status)).inc()
+            return error_response(status, exc.error, exc.message, request_id)
+        except UpstreamError as exc:
+            status = exc.status
+            self._metrics.upstream_error[exc.kind].inc()
+            return error_response(status, "upstream_" + exc.kind, exc.message, request_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            self._metrics.count_response(status, elapsed)
+            if self._access_log is not None:
+                self._access_log.record(
+                    (
+                        request_id, time.time(), request.remote, request.method, request.raw_path,
+                        status, size, elapsed, request.headers.get("User-Agent"),
+                    )
+                )  # fmt: skip
+
+    async def _forward(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
+        framing, length, chunked = self._framing(request)
+        head = self._request_head(request, request_id, framing)
+        has_body = chunked or bool(length)
+        if has_body and request.headers.get("Expect", "").lower() == "100-continue":
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        assert self.pool is not None
+        head_request = request.method == "HEAD"
+        conn = await self.pool.acquire()
+        try:
+            conn.start_exchange(head, head_request=head_request)
+            if has_body:
+                await self._send_body(request, conn, chunked)
+            try:
+                await conn.wait_headers(self._read_timeout)
+            except UpstreamError as exc:
+                # A kept-alive connection the upstream closed just as we reused it: safe to
+                # try once more on a fresh one when no body was sent and nothing came back.
+                if not (conn.reused and exc.before_response and not has_body):
+                    raise
+                self.pool.release(conn, reusable=False)
+                conn = await self.pool.acquire()
+                conn.start_exchange(head, head_request=head_request)
+                await conn.wait_headers(self._read_timeout)
+            return await self._respond(request, conn, request_id)
+        except BaseException:
+            self.pool.release(conn, reusable=False)
+            raise
+
+    async def _send_body(
+        self, request: web.BaseRequest, conn: UpstreamConnection, chunked: bool
+    ) -> None:
+        content = request.content
+        total = 0
+        limit = self._max_body
+        while True:
+            try:
+                async with asyncio.timeout(self._body_timeout):
+                    data = await content.readany()
+            except TimeoutError:
+                raise ClientError(408, "body_timeout", "the request body stalled") from None
+            except (HttpProcessingError, ConnectionError) as exc:
+                # The client went away or broke the framing mid-body: the upstream has a
+                # half request, so that connection is closed by the caller, never pooled.
+                raise ClientError(400, "bad_body", f"the request body was cut off: {exc}") from None
+            if not data:
+                break
+            total += len(data)
+            if limit is not None and total > limit:
+                raise ClientError(
+                    413, "body_too_large", f"the request body is larger than {limit} bytes"
+                )
+            if chunked:
+                await conn.write_body(b"%x\r\n%b\r\n" % (len(data), data))
+            else:
+                await conn.write_body(data)
+        if chunked:
+            await conn.write_body(b"0\r\n\r\n")
+
+    def _response_headers(self, conn: UpstreamConnection) -> tuple[CIMultiDict[str], int | None]:
+        raw = conn.headers
+        dropped = _connection_tokens(raw)
+        length: int | None = None
+        headers: CIMultiDict[str] = CIMultiDict()
+        for name, value in raw:
+            lname = name.lower()
+            if lname == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    raise UpstreamError(
+                        "protocol", 502, "upstream sent an invalid Content-Length",
+                        before_response=False,
+                    ) from None  # fmt: skip
+                continue
+            if lname in RESPONSE_DROP or lname in dropped:
+                continue
+            headers.add(name.decode("latin-1"), value.decode("latin-1"))
+        return headers, length
+
+    async def _respond(
+        self, request: web.BaseRequest, conn: UpstreamConnection, request_id: str
+    ) -> web.StreamResponse:
+        assert self.pool is not None
+        headers, length = self._response_headers(conn)
+        status = conn.status
+        if not conn.message_done and length is not None and length <= SMALL_BODY:
+            await conn.wait_message(self._read_timeout)
+        if conn.message_done:
+            body = conn.take_buffered()
+            if request.method == "HEAD" or status in (204, 304):
+                if length is not None and request.method == "HEAD":
+                    headers["Content-Length"] = str(length)
+                whole = web.Response(status=status, headers=headers)
+            else:
+                whole = web.Response(status=status, body=body, headers=headers)
+            self.pool.release(conn, reusable=True)
+            return whole
+
+        response = web.StreamResponse(status=status, headers=headers)
+        if length is not None:
+            response.content_length = length
+        await response.prepare(request)
+        try:
+            while True:
+                chunk = await conn.next_chunk(self._read_timeout)
+                if chunk is None:
+                    break
+                await response.write(chunk)
+        except UpstreamError as exc:
+            # The status line is already on its way: the only honest signal left is to cut
+            # the client connection, so it sees a truncated body rather than a short one.
+            self._metrics.upstream_error[exc.kind].inc()
+            log.warning("upstream failed mid-response (request %s): %s", request_id, exc.message)
+            if request.transport is not None:
+                request.transport.abort()
+            self.pool.release(conn, reusable=False)
+            return response
+        await response.write_eof()
+        self.pool.release(conn, reusable=True)
+        return response
