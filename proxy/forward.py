@@ -66,6 +66,9 @@ PROXY_SET = frozenset(
 # Response headers whose framing the proxy decides itself.
 RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
 
+# Set on requests whose request line named an HTTP version other than 1.0 or 1.1.
+UNSUPPORTED_VERSION = "lineage_sidecar.unsupported_version"
+
 # Responses up to this size that have fully arrived are answered in one write.
 SMALL_BODY = 64 * 1024
 
@@ -292,6 +295,8 @@ class Forwarder:
                 )  # fmt: skip
 
     async def _forward(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
+        if UNSUPPORTED_VERSION in request:
+            raise ClientError(505, "http_version", "only HTTP/1.0 and HTTP/1.1 are supported")
         framing, length, chunked = self._framing(request)
         head = self._request_head(request, request_id, framing)
         has_body = chunked or bool(length)

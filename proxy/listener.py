@@ -19,12 +19,15 @@ import ssl
 from typing import Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import HttpVersion10, HttpVersion11, RawRequestMessage
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from lineage_sidecar.config import Config, parse_listen
 from proxy.accesslog import AccessLog
-from proxy.forward import ErrorBody, Forwarder, encode_error
+from proxy.forward import UNSUPPORTED_VERSION, ErrorBody, Forwarder, encode_error
 from proxy.metrics import ProxyMetrics
 from proxy.tls import CertificatePaths, CertificateReloader, server_context
 
@@ -90,6 +93,23 @@ class ProxyServer(web.Server):
     def __init__(self, handler: Any, metrics: ProxyMetrics, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._metrics = metrics
+
+    def _make_request(
+        self,
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> web.BaseRequest:
+        if message.version in (HttpVersion10, HttpVersion11):
+            return web.BaseRequest(message, payload, protocol, writer, task, self._loop)
+        # HTTP/0.9 (C parser) or HTTP/2.0 and 9.9 (Python parser) in a request line: answer
+        # with a 1.1 status line the client can read, and have the handler refuse it.
+        message = message._replace(version=HttpVersion11, should_close=True)
+        request = web.BaseRequest(message, payload, protocol, writer, task, self._loop)
+        request[UNSUPPORTED_VERSION] = True
+        return request
 
     def __call__(self) -> RequestHandler:
         handler = ProxyRequestHandler(self, loop=self._loop, **self._kwargs)

@@ -1,0 +1,185 @@
+"""A small HTTP/1.1 upstream for proxy tests that reports exactly what it received.
+
+Run as `python -m tests.integration.proxy.echo_upstream PORT_FILE`: it listens on an
+ephemeral loopback port and writes the port to PORT_FILE. Every request is parsed with
+httptools (a parser independent of aiohttp's) and answered with JSON describing it: the
+request line, raw header list, body length and checksum, and the connection it came on.
+Special paths:
+  /__log            every request seen so far (method, path, connection id, complete)
+  /__reset          forget the log
+  /__close_mid_body answer headers with Content-Length 1000, send 10 bytes, close
+  /__close_early    close the connection without answering
+  /__slow?ms=N      wait N ms before answering
+  /__big?bytes=N    stream N bytes of body (Content-Length set)
+  /__chunked?n=N    answer with N chunks of 1 KiB each, chunked
+  /__head_len       answer HEAD/GET with Content-Length 12345 (body only for GET)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+import sys
+import zlib
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httptools
+
+LOG: list[dict[str, Any]] = []
+_connection_ids = itertools.count(1)
+
+
+class EchoProtocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.connection_id = next(_connection_ids)
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.current: dict[str, Any] | None = None
+        self.checksum = 1
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.worker: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.worker = asyncio.get_running_loop().create_task(self.answer_in_order())
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            LOG.append({"parse_error": str(exc), "connection": self.connection_id})
+            assert self.transport is not None
+            self.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.current is not None:
+            # A request whose body never completed: the proxy cut the connection.
+            self.current["complete"] = False
+            LOG.append(self.current)
+            self.current = None
+        if self.worker is not None:
+            self.worker.cancel()
+
+    def on_message_begin(self) -> None:
+        self.current = {
+            "connection": self.connection_id,
+            "headers": [],
+            "body_length": 0,
+            "complete": False,
+        }
+        self.checksum = 1
+        self.sha = hashlib.sha256()
+
+    def on_url(self, url: bytes) -> None:
+        assert self.current is not None
+        self.current["target"] = self.current.get("target", "") + url.decode("latin-1")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self.current is not None
+        self.current["headers"].append([name.decode("latin-1"), value.decode("latin-1")])
+
+    def on_headers_complete(self) -> None:
+        assert self.current is not None
+        self.current["method"] = self.parser.get_method().decode("latin-1")
+        self.current["version"] = self.parser.get_http_version()
+
+    def on_body(self, body: bytes) -> None:
+        assert self.current is not None
+        self.current["body_length"] += len(body)
+        self.checksum = zlib.adler32(body, self.checksum)
+        if self.current["body_length"] <= 1 << 20:
+            self.sha.update(body)
+
+    def on_message_complete(self) -> None:
+        assert self.current is not None
+        request = self.current
+        self.current = None
+        request["complete"] = True
+        request["adler32"] = self.checksum
+        request["sha256_first_mib"] = self.sha.hexdigest()
+        request["keep_alive"] = self.parser.should_keep_alive()
+        path = urlsplit(request["target"]).path
+        if not path.startswith("/__log") and not path.startswith("/__reset"):
+            LOG.append(request)
+        self.queue.put_nowait(request)
+
+    async def answer_in_order(self) -> None:
+        while True:
+            request = await self.queue.get()
+            await self.answer(request)
+
+    async def answer(self, request: dict[str, Any]) -> None:
+        assert self.transport is not None
+        parts = urlsplit(request["target"])
+        query = parse_qs(parts.query)
+        path = parts.path
+        write = self.transport.write
+        if path == "/__log":
+            self.send(200, json.dumps(LOG).encode())
+        elif path == "/__reset":
+            LOG.clear()
+            self.send(200, b"[]")
+        elif path == "/__close_mid_body":
+            write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
+            self.transport.close()
+        elif path == "/__close_early":
+            self.transport.close()
+        elif path == "/__slow":
+            await asyncio.sleep(int(query.get("ms", ["1000"])[0]) / 1000)
+            self.send(200, b'{"slow":true}')
+        elif path == "/__big":
+            size = int(query["bytes"][0])
+            write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+            block = b"x" * 65536
+            sent = 0
+            while sent < size:
+                piece = block[: min(len(block), size - sent)]
+                write(piece)
+                sent += len(piece)
+                if self.transport.get_write_buffer_size() > 1 << 20:
+                    await asyncio.sleep(0.001)
+                    while self.transport.get_write_buffer_size() > 1 << 19:
+                        if self.transport.is_closing():
+                            return
+                        await asyncio.sleep(0.001)
+        elif path == "/__chunked":
+            write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for _ in range(int(query.get("n", ["4"])[0])):
+                write(b"400\r\n" + b"c" * 1024 + b"\r\n")
+                await asyncio.sleep(0)
+            write(b"0\r\n\r\n")
+        elif path == "/__head_len":
+            body = b"h" * 12345 if request["method"] != "HEAD" else b""
+            write(b"HTTP/1.1 200 OK\r\nContent-Length: 12345\r\n\r\n" + body)
+        else:
+            self.send(200, json.dumps(request).encode(), request["method"] == "HEAD")
+
+    def send(self, status: int, body: bytes, head: bool = False) -> None:
+        assert self.transport is not None
+        self.transport.write(
+            b"HTTP/1.1 %d OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"X-Upstream: echo\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n"
+            b"Connection: keep-alive, X-Drop-Me\r\nX-Drop-Me: secret\r\nKeep-Alive: timeout=30\r\n"
+            b"\r\n%b" % (status, len(body), b"" if head else body)
+        )
+
+
+async def main(port_file: Path) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(EchoProtocol, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    tmp = port_file.with_suffix(".tmp")
+    tmp.write_text(str(port))
+    tmp.rename(port_file)
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(Path(sys.argv[1])))

@@ -1,0 +1,126 @@
+"""Start, stop and scale: draining shutdown, several workers, clear start-up errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from tests.integration.proxy.conftest import CLI, run_proxy
+from tests.integration.proxy.rawhttp import Reply, get
+
+
+def test_sigterm_drains_in_flight_requests(echo_upstream: str, tmp_path: Path) -> None:
+    with run_proxy(tmp_path, echo_upstream, proxy={"timeouts": {"shutdown": 10}}) as proxy:
+        replies: list[Reply] = []
+        slow = threading.Thread(target=lambda: replies.append(get(proxy.port, "/__slow?ms=1500")))
+        slow.start()
+        time.sleep(0.5)
+        proxy.process.send_signal(signal.SIGTERM)
+        slow.join(10)
+        assert [r.status for r in replies] == [200]
+        assert proxy.process.wait(timeout=15) == 0
+
+
+def test_two_workers_share_the_port_and_the_metrics(echo_upstream: str, tmp_path: Path) -> None:
+    with run_proxy(tmp_path, echo_upstream, proxy={"workers": 2}) as proxy:
+        statuses = [get(proxy.port, f"/w/{i}").status for i in range(40)]
+        assert statuses == [200] * 40
+        ready = get(proxy.admin_port, "/readyz")
+        assert ready.status == 200
+        metrics = get(proxy.admin_port, "/metrics").body.decode()
+        line = next(
+            ln for ln in metrics.splitlines()
+            if ln.startswith('lineage_sidecar_requests_total{status_class="2xx"}')
+        )  # fmt: skip
+        assert float(line.split()[-1]) >= 40
+        workers = [
+            p for p in Path("/proc").iterdir()
+            if p.name.isdigit() and _parent(p) == proxy.process.pid
+            and b"spawn_main" in _cmdline(int(p.name))
+        ]  # fmt: skip
+        assert len(workers) == 2
+
+
+def _parent(proc: Path) -> int:
+    try:
+        fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return -1
+    return int(fields[1])
+
+
+def test_worker_that_dies_is_replaced(echo_upstream: str, tmp_path: Path) -> None:
+    with run_proxy(tmp_path, echo_upstream, proxy={"workers": 2}) as proxy:
+        children = [
+            int(p.name) for p in Path("/proc").iterdir()
+            if p.name.isdigit() and _parent(p) == proxy.process.pid
+        ]  # fmt: skip
+        # Spawned workers run multiprocessing's spawn_main (the resource tracker does not).
+        workers = [pid for pid in children if b"spawn_main" in _cmdline(pid)]
+        assert len(workers) == 2
+        victim = workers[0]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            replaced = "starting a new one" in proxy.log.read_text()
+            if replaced and get(proxy.admin_port, "/readyz").status == 200:
+                break
+            time.sleep(0.2)
+        assert "starting a new one" in proxy.log.read_text()
+        assert [get(proxy.port, f"/r/{i}").status for i in range(20)] == [200] * 20
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+def test_bad_config_exits_with_one_line_naming_the_field(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump({"proxy": {"upstream": "http://127.0.0.1:1", "workers": "x"}}))
+    result = run_cli("proxy", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "proxy.workers" in lines[0]
+
+
+def test_missing_config_file_is_one_line(tmp_path: Path) -> None:
+    result = run_cli("proxy", "--config", str(tmp_path / "nope.yaml"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("nope.yaml: no such file")
+
+
+def test_address_in_use_is_one_line(echo_upstream: str, tmp_path: Path) -> None:
+    with run_proxy(tmp_path / "first", echo_upstream) as proxy:
+        config = yaml.safe_load(proxy.config_path.read_text())
+        config["admin"]["listen"] = "127.0.0.1:0"
+        second = tmp_path / "second.yaml"
+        second.write_text(yaml.safe_dump(config))
+        result = run_cli("proxy", "--config", str(second), cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"lineage-sidecar: cannot listen on 127.0.0.1:{proxy.port}: Address already in use"
+    )
+
+
+def test_check_flag_validates_without_starting(tmp_path: Path) -> None:
+    config = tmp_path / "ok.yaml"
+    config.write_text(yaml.safe_dump({"proxy": {"upstream": "http://127.0.0.1:1"}}))
+    result = run_cli("proxy", "--config", str(config), "--check", cwd=tmp_path)
+    assert result.returncode == 0
+    assert "ok" in result.stdout

@@ -1,0 +1,189 @@
+"""Configuration: parsed once, validated, overridable from the environment, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lineage_sidecar.config import (
+    Config,
+    ConfigError,
+    Secret,
+    from_mapping,
+    load,
+    parse_listen,
+    parse_upstream,
+)
+
+MINIMAL = {"proxy": {"upstream": "http://127.0.0.1:8001"}}
+
+
+def write(tmp_path: Path, data: object) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def test_defaults_are_safe(tmp_path: Path) -> None:
+    config = load(write(tmp_path, MINIMAL), environ={})
+    assert config.proxy.listen == "127.0.0.1:8443"
+    assert config.proxy.tls.enabled is True
+    assert config.proxy.tls.min_version == "1.3"
+    assert config.admin.listen.startswith("127.0.0.1:")
+    assert config.proxy.trusted_proxies == []
+
+
+def test_config_is_frozen(tmp_path: Path) -> None:
+    config = load(write(tmp_path, MINIMAL), environ={})
+    with pytest.raises(AttributeError):
+        config.proxy.workers = 4  # type: ignore[misc]
+
+
+def test_environment_overrides_nested_fields(tmp_path: Path) -> None:
+    env = {
+        "LINEAGE_SIDECAR_PROXY__WORKERS": "4",
+        "LINEAGE_SIDECAR_PROXY__TLS__ENABLED": "false",
+        "LINEAGE_SIDECAR_PROXY__TRUSTED_PROXIES": "[10.0.0.0/8, 192.168.0.0/16]",
+        "UNRELATED": "x",
+    }
+    config = load(write(tmp_path, MINIMAL), environ=env)
+    assert config.proxy.workers == 4
+    assert config.proxy.tls.enabled is False
+    assert config.proxy.trusted_proxies == ["10.0.0.0/8", "192.168.0.0/16"]
+
+
+def test_environment_override_of_unknown_field_names_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"proxy: Object contains unknown field `wrokers`"):
+        load(write(tmp_path, MINIMAL), environ={"LINEAGE_SIDECAR_PROXY__WROKERS": "2"})
+
+
+def test_secret_from_file_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret_file = tmp_path / "key-password"
+    secret_file.write_text("s3cret\n")
+    data = {"proxy": {**MINIMAL["proxy"], "tls": {"key_password": f"file:{secret_file}"}}}
+    config = load(write(tmp_path, data), environ={})
+    assert config.proxy.tls.key_password == Secret("s3cret", "x")
+    assert "s3cret" not in repr(config)
+    monkeypatch.setenv("TLS_KEY_PASSWORD", "from-env")
+    data["proxy"]["tls"]["key_password"] = "env:TLS_KEY_PASSWORD"  # type: ignore[index]
+    config = load(write(tmp_path, data), environ={})
+    assert config.proxy.tls.key_password is not None
+    assert config.proxy.tls.key_password.value == "from-env"
+
+
+def test_missing_secret_names_the_field(tmp_path: Path) -> None:
+    data = {"proxy": {**MINIMAL["proxy"], "tls": {"key_password": "env:NO_SUCH_VARIABLE_X"}}}
+    with pytest.raises(ConfigError, match=r"proxy\.tls\.key_password.*NO_SUCH_VARIABLE_X"):
+        load(write(tmp_path, data), environ={})
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({}, r"Object missing required field `proxy`"),
+        ({"proxy": {}}, r"proxy: Object missing required field `upstream`"),
+        (
+            {"proxy": {"upstream": "http://a:1", "workers": "two"}},
+            r"proxy\.workers: Expected `int`",
+        ),
+        (
+            {"proxy": {"upstream": "http://a:1", "workers": 0}},
+            r"proxy\.workers: Expected `int` >= 1",
+        ),
+        ({"proxy": {"upstream": "http://a:1"}, "extra": 1}, r"unknown field `extra`"),
+        ({"proxy": {"upstream": "http://a:1", "listen": "8443"}}, r"proxy\.listen"),
+        (
+            {"proxy": {"upstream": "http://a:1", "listen": "host:70000"}},
+            r"proxy\.listen: port 70000",
+        ),
+        ({"proxy": {"upstream": "http://a:1", "listen": "[::zz]:80"}}, r"proxy\.listen"),
+        ({"proxy": {"upstream": "https://a:1"}}, r"proxy\.upstream: only http://"),
+        ({"proxy": {"upstream": "a:1"}}, r"proxy\.upstream: expected http://"),
+        (
+            {"proxy": {"upstream": "http://a:1", "tls": {"min_version": "1.1"}}},
+            r"proxy\.tls\.min_version",
+        ),
+        (
+            {"proxy": {"upstream": "http://a:1", "tls": {"cert_file": "/x"}}},
+            r"proxy\.tls: give both",
+        ),
+        (
+            {"proxy": {"upstream": "http://a:1", "trusted_proxies": ["nope"]}},
+            r"trusted_proxies\[0\]",
+        ),
+        ({"proxy": {"upstream": "http://a:1"}, "admin": {"listen": "x"}}, r"admin\.listen"),
+    ],
+)
+def test_bad_config_is_one_line_naming_the_field(
+    tmp_path: Path, data: object, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        load(write(tmp_path, data), environ={})
+    assert "\n" not in str(info.value)
+    assert str(info.value).startswith(str(tmp_path / "config.yaml"))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("proxy: [unclosed", r"config\.yaml:\d+: "),
+        ("- a\n- b\n", r"top level must be a mapping"),
+        ("a: " + "[" * 5000 + "]" * 5000, r"config\.yaml"),
+        ("x" * 1_100_000, r"larger than 1 MB"),
+        ("proxy: !!python/object:os.system {}", r"config\.yaml"),
+    ],
+)
+def test_malformed_file_is_a_clear_error(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(write(tmp_path, text), environ={})
+
+
+def test_missing_and_binary_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load(tmp_path / "absent.yaml", environ={})
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load(binary, environ={})
+
+
+def test_shipped_example_configs_load() -> None:
+    for path in sorted(Path(__file__).resolve().parents[3].joinpath("config").glob("*.yaml")):
+        assert isinstance(load(path, environ={}), Config), path
+
+
+@given(st.text(max_size=60))
+@settings(max_examples=300, deadline=None)
+def test_parse_listen_accepts_only_host_and_port(text: str) -> None:
+    try:
+        host, port = parse_listen(text)
+    except ValueError:
+        return
+    assert 0 <= port <= 65535
+    assert host
+    for forbidden in " /@":
+        assert forbidden not in host
+
+
+@given(st.text(max_size=80))
+@settings(max_examples=300, deadline=None)
+def test_parse_upstream_never_accepts_userinfo_query_or_fragment(text: str) -> None:
+    try:
+        upstream = parse_upstream(text)
+    except ValueError:
+        return
+    assert upstream.scheme == "http"
+    for forbidden in "@?#":
+        assert forbidden not in text
+    assert 0 < upstream.port <= 65535
+
+
+def test_from_mapping_does_not_read_the_process_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LINEAGE_SIDECAR_PROXY__WORKERS", "9")
+    assert from_mapping({"proxy": {"upstream": "http://a:1"}}).proxy.workers == 1
