@@ -177,10 +177,6 @@ class ProxyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
         msgspec.Meta(ge=1, le=64),
         _doc("Worker processes sharing the port through SO_REUSEPORT."),
     ] = 1
-    service_name: Annotated[
-        str | None,
-        _doc("Name of the data service in lineage (namespace); defaults to the upstream URL."),
-    ] = None
     preserve_host: Annotated[
         bool,
         _doc("Send the client's Host header upstream (true) or the upstream's host (false)."),

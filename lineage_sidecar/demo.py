@@ -116,7 +116,6 @@ def demo_config(
         "proxy": {
             "listen": listen,
             "upstream": upstream,
-            "service_name": "demo-sales",
             "tls": {"self_signed_dir": str(state_dir / "tls")},
         },
         "admin": {"listen": admin},

@@ -187,3 +187,13 @@ def test_from_mapping_does_not_read_the_process_environment(
 ) -> None:
     monkeypatch.setenv("LINEAGE_SIDECAR_PROXY__WORKERS", "9")
     assert from_mapping({"proxy": {"upstream": "http://a:1"}}).proxy.workers == 1
+
+
+def test_configuration_reference_matches_the_declarations() -> None:
+    from lineage_sidecar.configdoc import render
+
+    committed = Path(__file__).resolve().parents[3].joinpath("docs", "configuration.md")
+    assert committed.read_text() == render(), (
+        "docs/configuration.md is stale: run "
+        "python -m lineage_sidecar.configdoc > docs/configuration.md"
+    )

@@ -1,0 +1,114 @@
+"""Generate docs/configuration.md from the declarations in `lineage_sidecar.config`.
+
+Run `python -m lineage_sidecar.configdoc > docs/configuration.md`; a test fails when the
+committed file and the declarations disagree, so the reference cannot drift.
+"""
+
+from __future__ import annotations
+
+import json
+
+import msgspec
+import msgspec.inspect as mi
+
+from lineage_sidecar.config import ENV_PREFIX, Config
+
+HEADER = f"""# Configuration reference
+
+Generated from `lineage_sidecar/config.py` by `python -m lineage_sidecar.configdoc`; do not
+edit by hand. One YAML file holds every section. Any field can be overridden from the
+environment: `{ENV_PREFIX}<SECTION>__<FIELD>[__<FIELD>]`, e.g. `{ENV_PREFIX}PROXY__WORKERS=4`
+(values are read as YAML, so `true`, `4` and `[a, b]` work). Fields marked *secret* take
+`file:/path` or `env:NAME`. A bad value stops the command with exit status 2 and one line
+naming the field.
+"""
+
+
+def _type_name(info: mi.Type) -> str:
+    if isinstance(info, mi.Metadata):
+        return _type_name(info.type)
+    if isinstance(info, mi.UnionType):
+        return " or ".join(_type_name(t) for t in info.types)
+    if isinstance(info, mi.LiteralType):
+        return " | ".join(json.dumps(v) for v in info.values)
+    if isinstance(info, mi.ListType):
+        return f"list of {_type_name(info.item_type)}"
+    if isinstance(info, mi.CustomType):
+        return "secret"
+    names = {
+        mi.StrType: "string",
+        mi.IntType: "integer",
+        mi.FloatType: "number",
+        mi.BoolType: "boolean",
+        mi.NoneType: "null",
+    }
+    return names.get(type(info), type(info).__name__)
+
+
+def _bounds(info: mi.Type) -> str:
+    if isinstance(info, mi.Metadata):
+        return _bounds(info.type)
+    if isinstance(info, mi.UnionType):
+        return " ".join(b for b in (_bounds(t) for t in info.types) if b)
+    parts = []
+    for attr, sign in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+        value = getattr(info, attr, None)
+        if value is not None:
+            parts.append(f"{sign} {value}")
+    return ", ".join(parts)
+
+
+def _description(info: mi.Type) -> str:
+    if isinstance(info, mi.Metadata) and info.extra_json_schema:
+        return str(info.extra_json_schema.get("description", ""))
+    return ""
+
+
+def _default(field: mi.Field) -> str:
+    if field.required:
+        return "required"
+    if field.default_factory is not msgspec.NODEFAULT:
+        return json.dumps(field.default_factory())
+    return json.dumps(msgspec.to_builtins(field.default))
+
+
+def _section(info: mi.StructType, path: str, out: list[str]) -> None:
+    doc = (info.cls.__doc__ or "").strip()
+    out += [
+        "",
+        f"## `{path}`",
+        "",
+        doc,
+        "",
+        "| field | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    nested: list[tuple[str, mi.StructType]] = []
+    for field in info.fields:
+        if isinstance(field.type, mi.StructType):
+            nested.append((f"{path}.{field.name}", field.type))
+            continue
+        bounds = _bounds(field.type)
+        kind = _type_name(field.type) + (f" ({bounds})" if bounds else "")
+        text = _description(field.type).replace("|", "\\|")
+        out.append(f"| `{field.name}` | {kind} | `{_default(field)}` | {text} |")
+    for child_path, child in nested:
+        _section(child, child_path, out)
+
+
+def render() -> str:
+    root = mi.type_info(Config)
+    assert isinstance(root, mi.StructType)
+    out = [HEADER.rstrip()]
+    for field in root.fields:
+        assert isinstance(field.type, mi.StructType)
+        _section(field.type, field.name, out)
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    print(render(), end="")
+
+
+if __name__ == "__main__":
+    main()
