@@ -1,0 +1,55 @@
+"""Derivation: capture records in, lineage and access events out. Pure: no IO, no clock.
+
+For each record, in arrival order: redact its secrets (`redact`), read the datasets it
+names and the tables and columns of its SQL (`routes`, `sql`), emit an access event per
+dataset it names, and feed the run correlator (`runs`), which emits OpenLineage START and
+COMPLETE/FAIL events. The same records always give the same events with the same ids.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from agent.capture import CaptureRecord
+from agent.derive.redact import RedactionRules, redact_record
+from agent.derive.routes import access_events, request_lineage
+from agent.derive.runs import RunConfig, RunCorrelator
+from agent.derive.sql import DEFAULT_MAX_SQL_BYTES
+from agent.events import LineageEvent, RunEvent
+
+__all__ = ["DeriveConfig", "Deriver"]
+
+
+class DeriveConfig(msgspec.Struct, frozen=True, kw_only=True):
+    runs: RunConfig = RunConfig()
+    redaction: RedactionRules = RedactionRules()
+    # SQL texts longer than this (UTF-8 bytes) are recorded as unparsed, not analysed.
+    max_sql_bytes: int = DEFAULT_MAX_SQL_BYTES
+
+
+class Deriver:
+    """Stateful only through the open runs; everything else is a function of the record."""
+
+    def __init__(self, config: DeriveConfig | None = None) -> None:
+        self._config = config or DeriveConfig()
+        self._runs = RunCorrelator(self._config.runs)
+
+    @property
+    def open_runs(self) -> int:
+        return self._runs.open_runs
+
+    def feed(self, record: CaptureRecord) -> list[LineageEvent]:
+        """Access events for this record, then the run events it made due."""
+        record = redact_record(record, self._config.redaction)
+        lineage = request_lineage(record, max_sql_bytes=self._config.max_sql_bytes)
+        events: list[LineageEvent] = list(access_events(record, lineage))
+        events.extend(self._runs.feed(record, lineage))
+        return events
+
+    def tick(self, now_ns: int) -> list[RunEvent]:
+        """Runs idle at wall-clock `now_ns`; call when the spool is drained."""
+        return self._runs.tick(now_ns)
+
+    def flush(self) -> list[RunEvent]:
+        """Complete every open run, e.g. on shutdown."""
+        return self._runs.flush()

@@ -1,0 +1,209 @@
+"""Lineage and access events, the agent's output.
+
+Two kinds of event leave the agent:
+
+* `RunEvent`, in the OpenLineage RunEvent shape (spec 2-0-2), so the same JSON can be handed
+  to Marquez or DataHub unchanged. Field names are spelled exactly as the spec spells them
+  (`eventType`, `eventTime`, `runId`, `schemaURL`, `inputFields`, ...).
+* `AccessEvent`: who asked for which dataset, what was decided and under which rule. One per
+  captured request that names a dataset, denied requests included.
+
+Every event has a deterministic `event_id`: deriving the same capture records again gives
+the same ids, which is what lets the store ingest at-least-once deliveries exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from datetime import UTC, datetime
+from typing import Literal
+
+import msgspec
+
+from agent.capture import Decision
+
+RUN_EVENT_SCHEMA_URL = "https://openlineage.io/spec/2-0-2/OpenLineage.json#/$defs/RunEvent"
+COLUMN_LINEAGE_SCHEMA_URL = (
+    "https://openlineage.io/spec/facets/1-2-0/ColumnLineageDatasetFacet.json"
+    "#/$defs/ColumnLineageDatasetFacet"
+)
+# The producer URI names the code that emitted an event; OpenLineage only asks that it be a
+# URI that identifies the producer and its version.
+PRODUCER = "urn:lineage-sidecar:agent:0.1.0"
+SIDECAR_RUN_FACET_SCHEMA_URL = "urn:lineage-sidecar:facets:SidecarRunFacet:1"
+
+# Namespaces for the name-based (version 5) UUIDs. Fixed forever: changing one changes
+# every id and breaks idempotent ingestion of records delivered twice across an upgrade.
+EVENT_ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:lineage-sidecar:event")
+RUN_ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:lineage-sidecar:run")
+
+EventType = Literal["START", "RUNNING", "COMPLETE", "FAIL", "ABORT", "OTHER"]
+
+
+class InputField(msgspec.Struct, frozen=True, order=True):
+    """One source column of an output column: dataset namespace, dataset name, field."""
+
+    namespace: str
+    name: str
+    field: str
+
+
+class ColumnLineageField(msgspec.Struct, frozen=True):
+    input_fields: tuple[InputField, ...] = msgspec.field(name="inputFields")
+
+
+class ColumnLineageFacet(msgspec.Struct, frozen=True):
+    """The `columnLineage` dataset facet: output column -> the input columns it is made of."""
+
+    fields: dict[str, ColumnLineageField]
+    producer: str = msgspec.field(default=PRODUCER, name="_producer")
+    schema_url: str = msgspec.field(default=COLUMN_LINEAGE_SCHEMA_URL, name="_schemaURL")
+
+
+class DatasetFacets(msgspec.Struct, frozen=True, omit_defaults=True):
+    column_lineage: ColumnLineageFacet | None = msgspec.field(default=None, name="columnLineage")
+
+
+class InputFacets(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Input-dataset facets; none are emitted yet, the key is there because the spec has it."""
+
+
+class OutputFacets(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Output-dataset facets; none are emitted yet."""
+
+
+class InputDataset(msgspec.Struct, frozen=True):
+    namespace: str
+    name: str
+    facets: DatasetFacets = DatasetFacets()
+    input_facets: InputFacets = msgspec.field(default=InputFacets(), name="inputFacets")
+
+
+class OutputDataset(msgspec.Struct, frozen=True):
+    namespace: str
+    name: str
+    facets: DatasetFacets = DatasetFacets()
+    output_facets: OutputFacets = msgspec.field(default=OutputFacets(), name="outputFacets")
+
+
+class UnparsedSql(msgspec.Struct, frozen=True):
+    """A request whose SQL could not be turned into lineage, and why."""
+
+    request_id: str = msgspec.field(name="requestId")
+    reason: str
+
+
+class SidecarRunFacet(msgspec.Struct, frozen=True):
+    """What the sidecar knows about how this run was assembled from traffic.
+
+    A custom run facet (OpenLineage allows producers their own facets, each with its own
+    `_producer` and `_schemaURL`).
+    """
+
+    # How requests were grouped: "trace:<trace-id>", "header:<name>=<value>" or
+    # "request:<request-id>" for a request that carried no correlation at all.
+    correlation: str
+    requests: int
+    failed_requests: int = msgspec.field(default=0, name="failedRequests")
+    # Why the run ended: "idle", "explicit", "evicted" (too many open runs, see the agent's
+    # `max_open_runs`) or "" on START.
+    completion: str = ""
+    # True when the run touched more datasets than the agent keeps per run; the lists are
+    # then incomplete.
+    truncated: bool = False
+    unparsed_sql: tuple[UnparsedSql, ...] = msgspec.field(default=(), name="unparsedSql")
+    producer: str = msgspec.field(default=PRODUCER, name="_producer")
+    schema_url: str = msgspec.field(default=SIDECAR_RUN_FACET_SCHEMA_URL, name="_schemaURL")
+
+
+class RunFacets(msgspec.Struct, frozen=True, omit_defaults=True):
+    lineage_sidecar: SidecarRunFacet | None = msgspec.field(default=None, name="lineageSidecar")
+
+
+class JobFacets(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Job facets; none are emitted yet."""
+
+
+class Run(msgspec.Struct, frozen=True):
+    run_id: uuid.UUID = msgspec.field(name="runId")
+    facets: RunFacets = RunFacets()
+
+
+class Job(msgspec.Struct, frozen=True):
+    namespace: str
+    name: str
+    facets: JobFacets = JobFacets()
+
+
+class RunEvent(msgspec.Struct, frozen=True):
+    """An OpenLineage RunEvent (spec 2-0-2)."""
+
+    event_type: EventType = msgspec.field(name="eventType")
+    event_time: datetime = msgspec.field(name="eventTime")
+    run: Run
+    job: Job
+    inputs: tuple[InputDataset, ...] = ()
+    outputs: tuple[OutputDataset, ...] = ()
+    producer: str = PRODUCER
+    schema_url: str = msgspec.field(default=RUN_EVENT_SCHEMA_URL, name="schemaURL")
+
+    @property
+    def event_id(self) -> uuid.UUID:
+        """A UUID that is a function of the event's content alone.
+
+        OpenLineage has no event id of its own. The encoding of a Struct is deterministic
+        (fixed field order; the deriving code sorts datasets and columns), so the same
+        capture records always yield the same id, and any difference in content yields a
+        different one.
+        """
+        digest = hashlib.sha256(msgspec.json.encode(self)).hexdigest()
+        return uuid.uuid5(EVENT_ID_NAMESPACE, "run-event:" + digest)
+
+
+class AccessEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """One principal's request for one dataset and what the sidecar decided."""
+
+    event_id: uuid.UUID
+    time: datetime
+    principal: str | None
+    roles: tuple[str, ...]
+    dataset_namespace: str
+    dataset_name: str
+    action: str
+    decision: Decision
+    rule: str | None
+    request_id: str
+    status: int
+
+
+LineageEvent = RunEvent | AccessEvent
+
+
+def access_event_id(
+    service: str, request_id: str, namespace: str, name: str, action: str
+) -> uuid.UUID:
+    """The id of the access event for one dataset named by one request.
+
+    The service is part of it because request ids are only unique per proxy.
+    """
+    key = "\x00".join(("access", service, request_id, namespace, name, action))
+    return uuid.uuid5(EVENT_ID_NAMESPACE, key)
+
+
+_LATEST_NS = int(datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()) * 1_000_000_000
+
+
+def time_from_ns(time_ns: int) -> datetime:
+    """UTC datetime from nanoseconds since the epoch (microsecond precision, as RFC 3339).
+
+    Times outside 1970..9999 are clamped: a corrupt clock in one record must not stop the
+    agent, and RFC 3339 cannot express them anyway.
+    """
+    seconds, rest_ns = divmod(min(max(time_ns, 0), _LATEST_NS), 1_000_000_000)
+    return datetime.fromtimestamp(seconds, UTC).replace(microsecond=rest_ns // 1000)
+
+
+def encode(event: LineageEvent) -> bytes:
+    """JSON bytes of an event, field names as OpenLineage spells them."""
+    return msgspec.json.encode(event)

@@ -1,0 +1,141 @@
+"""The whole derivation: records in, access and run events out, secrets never in them."""
+
+from __future__ import annotations
+
+import string
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.capture import CaptureRecord
+from agent.derive import DeriveConfig, Deriver
+from agent.derive.redact import RedactionRules
+from agent.derive.runs import RunConfig
+from agent.events import AccessEvent, LineageEvent, RunEvent, encode
+from tests.unit.agent.factories import SECOND, T0, make_record, traceparent
+
+
+def etl_records(secret: str) -> list[CaptureRecord]:
+    trace = traceparent(0xE7)
+    return [
+        make_record(
+            "r1",
+            time_ns=T0,
+            principal="etl",
+            resource="dataset:sales",
+            action="read",
+            sql="SELECT id, price FROM orders",
+            traceparent=trace,
+            query=f"access_token={secret}",
+            correlation={"x-vault-token": secret},
+        ),
+        make_record(
+            "r2",
+            time_ns=T0 + SECOND,
+            principal="etl",
+            resource="dataset:sales",
+            action="write",
+            sql=f"ALTER USER etl PASSWORD '{secret}'; "
+            "INSERT INTO daily (total) SELECT SUM(price) FROM orders",
+            traceparent=trace,
+            body_excerpt=f'{{"password": "{secret}"}}',
+        ),
+        make_record(
+            "r3",
+            time_ns=T0 + 2 * SECOND,
+            principal="mallory",
+            resource="dataset:sales.salaries",
+            action="read",
+            decision="deny",
+            status=403,
+            sql=f"CREATE USER m IDENTIFIED BY '{secret}'",
+        ),
+    ]
+
+
+def derive_all(records: list[CaptureRecord]) -> list[LineageEvent]:
+    deriver = Deriver(
+        DeriveConfig(
+            runs=RunConfig(idle_timeout_ns=30 * SECOND),
+            redaction=RedactionRules(header_names=frozenset({"x-vault-token"})),
+        )
+    )
+    events: list[LineageEvent] = []
+    for record in records:
+        events.extend(deriver.feed(record))
+    events.extend(deriver.tick(T0 + 60 * SECOND))
+    assert deriver.open_runs == 0
+    return events
+
+
+def test_small_etl_gives_access_events_and_one_run_with_the_edge() -> None:
+    events = derive_all(etl_records("Zq9hunter2"))
+    runs = [e for e in events if isinstance(e, RunEvent)]
+    accesses = [e for e in events if isinstance(e, AccessEvent)]
+    assert [e.event_type for e in runs] == ["START", "COMPLETE"]
+    complete = runs[-1]
+    assert [d.name for d in complete.inputs] == ["sales.orders"]
+    assert [d.name for d in complete.outputs] == ["sales.daily"]
+    facet = complete.run.facets.lineage_sidecar
+    assert facet is not None
+    # The ALTER USER statement is noted as skipped; the INSERT beside it still counts.
+    assert [p.request_id for p in facet.unparsed_sql] == ["r2"]
+    assert {(a.principal, a.dataset_name, a.action, a.decision) for a in accesses} == {
+        ("etl", "sales", "read", "allow"),
+        ("etl", "sales.orders", "read", "allow"),
+        ("etl", "sales", "write", "allow"),
+        ("etl", "sales.daily", "write", "allow"),
+        ("mallory", "sales.salaries", "read", "deny"),
+    }
+
+
+def test_derivation_is_deterministic_for_idempotent_ingestion() -> None:
+    first = derive_all(etl_records("Zq9hunter2"))
+    second = derive_all(etl_records("Zq9hunter2"))
+    assert [encode(e) for e in first] == [encode(e) for e in second]
+    assert [e.event_id for e in first] == [e.event_id for e in second]
+    assert len({e.event_id for e in first}) == len(first)
+
+
+SECRET = st.text(string.ascii_letters + string.digits + "!%^_+~.-", max_size=24).map(
+    lambda s: "Zq9" + s
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(SECRET)
+def test_no_secret_reaches_any_event(secret: str) -> None:
+    for event in derive_all(etl_records(secret)):
+        assert secret.encode() not in encode(event)
+
+
+RECORDS = st.builds(
+    make_record,
+    request_id=st.text(max_size=20),
+    time_ns=st.integers(min_value=-(2**63), max_value=2**63),
+    duration_us=st.integers(min_value=-(2**31), max_value=2**31),
+    status=st.integers(min_value=0, max_value=999),
+    decision=st.sampled_from(["allow", "deny", "unauthenticated", "error", "none"]),
+    resource=st.one_of(
+        st.none(), st.text(max_size=30), st.text(max_size=20).map("dataset:".__add__)
+    ),
+    action=st.one_of(st.none(), st.sampled_from(["read", "write", "delete", ""])),
+    traceparent=st.one_of(st.none(), st.text(max_size=60), st.integers(0, 3).map(traceparent)),
+    sql=st.one_of(st.none(), st.text(max_size=80), st.just("INSERT INTO t (a) SELECT b FROM s")),
+    sql_dialect=st.sampled_from([None, "postgres", "sqlite", "nonsense"]),
+    correlation=st.dictionaries(st.sampled_from(["x-run-id", "x-end"]), st.text(max_size=10)),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(RECORDS, max_size=8))
+def test_any_records_derive_without_raising(records: list[CaptureRecord]) -> None:
+    deriver = Deriver(
+        DeriveConfig(runs=RunConfig(run_header="x-run-id", end_header="x-end", max_open_runs=3))
+    )
+    for record in records:
+        for event in deriver.feed(record):
+            encode(event)
+    deriver.tick(2**70)
+    assert deriver.flush() == []
+    assert deriver.open_runs == 0

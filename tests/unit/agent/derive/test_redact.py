@@ -1,0 +1,250 @@
+"""Secrets never leave the sidecar: examples, then properties over generated secrets."""
+
+from __future__ import annotations
+
+import string
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.derive.redact import (
+    MASK,
+    RedactionRules,
+    is_secret_name,
+    redact_headers,
+    redact_query,
+    redact_record,
+    redact_sql,
+    redact_text,
+    redact_url,
+)
+from agent.derive.sql import tables_and_columns
+from tests.unit.agent.factories import make_record
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("CREATE USER bob PASSWORD 'hunter2'", "CREATE USER bob PASSWORD '***'"),
+        (
+            "ALTER ROLE bob WITH ENCRYPTED PASSWORD 'md5abc'",
+            "ALTER ROLE bob WITH ENCRYPTED PASSWORD '***'",
+        ),
+        ("ALTER USER bob IDENTIFIED BY 'hunter2'", "ALTER USER bob IDENTIFIED BY '***'"),
+        ("ALTER USER bob IDENTIFIED BY hunter2;", "ALTER USER bob IDENTIFIED BY ***;"),
+        ("ALTER ROLE r PASSWORD $pw$hunter2$pw$", "ALTER ROLE r PASSWORD $pw$***$pw$"),
+        (
+            "CREATE SECRET s (TYPE s3, KEY_ID 'AKIA1', SECRET 'wJalr')",
+            "CREATE SECRET s (TYPE s3, KEY_ID '***', SECRET '***')",
+        ),
+        (
+            "SELECT dblink_connect('host=db user=u password=hunter2 dbname=x')",
+            "SELECT dblink_connect('host=db user=u password=*** dbname=x')",
+        ),
+        (
+            "ATTACH 'postgresql://etl:hunter2@db:5432/sales' AS s",
+            "ATTACH 'postgresql://etl:***@db:5432/sales' AS s",
+        ),
+        ("Server=db;User Id=u;Password=hunter2;", "Server=db;User Id=u;Password=***;"),
+        ('{"api_key": "abc123", "n": 1}', '{"api_key": "***", "n": 1}'),
+        ("Authorization: Bearer eyJhbGciOi.x.y", "Authorization: *** ***"),
+        # Not secrets: left exactly as they were.
+        ("SELECT name FROM users WHERE id = 'u1'", "SELECT name FROM users WHERE id = 'u1'"),
+        ("CREATE USER bob PASSWORD NULL", "CREATE USER bob PASSWORD NULL"),
+        ("https://db.example/x?y=1", "https://db.example/x?y=1"),
+    ],
+)
+def test_redact_text_examples(text: str, expected: str) -> None:
+    assert redact_text(text) == expected
+
+
+def test_url_userinfo_and_secret_parameters() -> None:
+    assert redact_url("https://u:hunter2@h/p?sig=abc&page=2#top") == (
+        "https://u:***@h/p?sig=***&page=2#top"
+    )
+    # A bare userinfo is usually a token.
+    assert redact_url("https://ghp_abc@github.com/x") == "https://***@github.com/x"
+
+
+def test_query_value_holding_encoded_sql_is_redacted_inside_the_encoding() -> None:
+    redacted = redact_query("sql=CREATE+USER+u+PASSWORD+%27hunter2%27&_shape=array")
+    assert "hunter2" not in redacted
+    assert redacted.endswith("&_shape=array")
+
+
+def test_configured_and_credential_headers_are_masked() -> None:
+    rules = RedactionRules(header_names=frozenset({"X-Vault-Token", "x-job-secret"}))
+    headers = {"x-vault-token": "s.abc", "X-Job-Secret": "j", "authorization": "t", "x-run": "7"}
+    assert redact_headers(headers, rules) == {
+        "x-vault-token": MASK,
+        "X-Job-Secret": MASK,
+        "authorization": MASK,
+        "x-run": "7",
+    }
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["password", "DB_PASSWORD", "access_token", "apiKey", "X-Amz-Signature", "sig", "key",
+     "client_secret", "refreshToken", "X-Amz-Credential", "KEY_ID"],
+)  # fmt: skip
+def test_secret_names(name: str) -> None:
+    assert is_secret_name(name)
+
+
+@pytest.mark.parametrize("name", ["page", "id", "monkey", "keyboard", "author_name", "sql"])
+def test_ordinary_names(name: str) -> None:
+    assert not is_secret_name(name)
+
+
+def test_record_redaction_covers_sql_query_body_and_correlation_headers() -> None:
+    record = make_record(
+        sql="CREATE USER u PASSWORD 'hunter2'",
+        query="token=hunter3&page=1",
+        body_excerpt='{"password": "hunter4"}',
+        correlation={"x-secret-run": "hunter5", "x-run-id": "r1"},
+    )
+    redacted = redact_record(record, RedactionRules(header_names=frozenset({"x-secret-run"})))
+    encoded = repr(redacted)
+    for secret in ("hunter2", "hunter3", "hunter4", "hunter5"):
+        assert secret not in encoded
+    assert redacted.correlation["x-run-id"] == "r1"
+    assert record.sql == "CREATE USER u PASSWORD 'hunter2'"  # the input is untouched
+
+
+# --- properties ----------------------------------------------------------------------
+
+# Bare secrets end at whitespace and punctuation, so they are drawn without them; quoted
+# ones may hold anything but their own quote. Neither may contain the mask character. The
+# "Zq9" prefix keeps a generated secret from coinciding with the text around it.
+BARE_SECRET = st.text(string.ascii_letters + string.digits + "!%^_+~.-", max_size=32).map(
+    lambda s: "Zq9" + s
+)
+QUOTED_SECRET = st.text(
+    string.ascii_letters + string.digits + " !#%^_+~.-,;()=&@:/?[]{}<>|'", max_size=32
+).map(lambda s: "Zq9" + s)
+USER = st.sampled_from(["bob", "etl_user", "svc"])
+
+SQL_PLACES = [
+    "CREATE USER {user} PASSWORD '{q}'",
+    "ALTER ROLE {user} WITH ENCRYPTED PASSWORD '{q}' VALID UNTIL 'infinity'",
+    "ALTER USER {user} IDENTIFIED BY '{q}'",
+    "ALTER USER {user} IDENTIFIED BY {b}",
+    "CREATE SECRET s3 (TYPE s3, KEY_ID '{q}', SECRET '{q}', REGION 'eu')",
+    "SELECT * FROM dblink('host=db user={user} password={b} dbname=x', 'select 1') AS t(a int)",
+    "ATTACH 'postgresql://{user}:{b}@db:5432/sales' AS s; SELECT 1",
+    "COPY t FROM 's3://bucket/k' CREDENTIALS 'aws_access_key_id=AK;aws_secret_access_key={b}'",
+    "CREATE SERVER s FOREIGN DATA WRAPPER pg OPTIONS (host 'h', password '{q}')",
+    "SELECT 1 FROM t WHERE api_token = '{q}'",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(SQL_PLACES), USER, BARE_SECRET, QUOTED_SECRET)
+def test_secret_in_sql_never_survives(place: str, user: str, bare: str, quoted: str) -> None:
+    escaped = quoted.replace("'", "''")
+    sql = place.format(user=user, b=bare, q=escaped)
+    redacted = redact_sql(sql)
+    secret = bare if "{b}" in place else quoted
+    assert secret not in redacted
+    assert escaped not in redacted
+    assert redact_sql(redacted) == redacted
+
+
+URL_PLACES = [
+    "https://{user}:{b}@db.example/path",
+    "postgresql://{user}:{b}@db:5432/sales?sslmode=require",
+    "https://{b}@github.com/org/repo.git",
+    "https://api.example/v1/x?{param}={b}&page=2",
+    "https://api.example/v1/x?page=2&{param}={b}#frag",
+]
+SECRET_PARAMS = st.sampled_from(
+    ["token", "access_token", "password", "client_secret", "api_key", "apiKey",
+     "X-Amz-Signature", "X-Amz-Credential", "sig", "key", "refresh_token"]
+)  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(URL_PLACES), USER, BARE_SECRET, SECRET_PARAMS)
+def test_secret_in_url_never_survives(place: str, user: str, bare: str, param: str) -> None:
+    url = place.format(user=user, b=bare, param=param)
+    for redacted in (redact_url(url), redact_text(url)):
+        assert bare not in redacted
+    assert redact_url(redact_url(url)) == redact_url(url)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.text(string.ascii_letters + "-", min_size=1, max_size=20).filter(lambda n: n.strip("-")),
+    BARE_SECRET,
+)
+def test_configured_header_never_survives(name: str, secret: str) -> None:
+    rules = RedactionRules(header_names=frozenset({name.lower()}))
+    redacted = redact_headers({name.upper(): secret, "x-other": "v"}, rules)
+    assert secret not in redacted.values()
+    assert redacted["x-other"] == "v"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200))
+def test_redaction_is_idempotent_on_any_text(text: str) -> None:
+    once = redact_text(text)
+    assert redact_text(once) == once
+
+
+IDENT = st.sampled_from(["orders", "items", "customers", "daily", "region", "amount", "day"])
+LITERAL = st.text(string.ascii_letters + string.digits + " _-", max_size=12)
+HOSTILE_TEXTS = [
+    "password '" * 25_000,
+    "token=" + "a" * 250_000,
+    "key" * 80_000,
+    "a://x:" + "y" * 250_000,
+    "$$" * 100_000,
+    "password $$" + "x" * 250_000,
+]
+
+
+@st.composite
+def ordinary_sql(draw: st.DrawFn) -> str:
+    """SQL without secrets: joins, filters on string literals, inserts, CTAS."""
+    source, other, target = draw(IDENT), draw(IDENT), draw(IDENT)
+    column, value = draw(IDENT), draw(LITERAL)
+    shapes = [
+        f"SELECT a.{column} FROM sales.{source} a JOIN {other} b ON a.id = b.id "
+        f"WHERE b.x = '{value}'",
+        f"INSERT INTO mart.{target} ({column}) SELECT {column} FROM {source} WHERE n = '{value}'",
+        f"CREATE TABLE {target}_copy AS SELECT {column} FROM {source}; SELECT '{value}'",
+        f"WITH c AS (SELECT {column} FROM {source}) SELECT * FROM c, {other} "
+        f"WHERE k LIKE '%{value}%'",
+    ]
+    return shapes[draw(st.integers(0, len(shapes) - 1))]
+
+
+@settings(max_examples=150, deadline=None)
+@given(ordinary_sql())
+def test_ordinary_sql_keeps_its_meaning(sql: str) -> None:
+    redacted = redact_sql(sql)
+    assert redacted == sql
+    assert tables_and_columns(redacted) == tables_and_columns(sql)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ordinary_sql(), BARE_SECRET)
+def test_sql_with_a_secret_keeps_its_tables(sql: str, secret: str) -> None:
+    # The same statements after a secret-bearing one: the secret goes, the tables stay.
+    text = f"ALTER USER etl PASSWORD '{secret}'; {sql}"
+    redacted = redact_sql(text)
+    assert secret not in redacted
+    assert tables_and_columns(redacted) == tables_and_columns(text)
+
+
+@pytest.mark.parametrize("text", HOSTILE_TEXTS, ids=lambda t: repr(t[:12]))
+def test_hostile_text_is_redacted_without_pathological_work(text: str) -> None:
+    # Quadratic patterns would make this test take minutes; it must stay well under a second.
+    redacted = redact_text(text)
+    assert redact_text(redacted) == redacted
+
+
+def test_unclosed_quote_after_a_secret_name_masks_the_rest() -> None:
+    assert redact_text("x PASSWORD 'hunter2 and more") == "x PASSWORD '***"
