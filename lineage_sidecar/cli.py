@@ -34,6 +34,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from proxy.audit import GENESIS, verify
+
+    try:
+        result = verify([Path(p) for p in args.files], start=args.start or GENESIS)
+    except OSError as exc:
+        print(f"lineage-sidecar: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
+    if not result.ok:
+        print(f"audit chain broken: {result.problem}", file=sys.stderr)
+        return 1
+    print(f"ok: {result.lines} lines, last hash {result.last_hash}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lineage-sidecar",
@@ -63,6 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--admin", default="127.0.0.1:9901", help="admin address (host:port)")
     demo.add_argument("--state-dir", default="var/demo", help="where the demo keeps its files")
     demo.set_defaults(func=_cmd_demo)
+
+    audit = commands.add_parser("audit", help="work with the audit log")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    verify = audit_commands.add_parser(
+        "verify",
+        help="check the hash chain of audit files (rotated files in order)",
+        description="Exit 0 when the chain holds, 1 naming the first broken line.",
+    )
+    verify.add_argument("files", nargs="+", help="audit files, oldest first")
+    verify.add_argument(
+        "--start", help="hash the first file continues from (the last hash of an older file)"
+    )
+    verify.set_defaults(func=_cmd_audit_verify)
     return parser
 
 
