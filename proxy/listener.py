@@ -13,6 +13,7 @@ proxy's own errors.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import socket
 import ssl
@@ -209,6 +210,10 @@ class ProxyWorker:
             self._spawn(self._watch_certificates(self.reloader), "tls-reloader")
         if self.access_log is not None:
             self._spawn(self.access_log.run(), "access-log-writer")
+        # Everything built so far lives as long as the process: move it out of the cyclic
+        # collector's reach so full collections (the proxy's p99 spikes) scan less.
+        gc.collect()
+        gc.freeze()
 
     def _spawn(self, coro: Any, name: str) -> None:
         self._tasks.append(asyncio.get_running_loop().create_task(coro, name=name))

@@ -209,3 +209,18 @@ def test_concurrent_requests_all_answered(plain_proxy: RunningProxy) -> None:
     for thread in threads:
         thread.join(30)
     assert results == [200] * 40
+
+
+def test_expect_100_continue_is_answered_by_the_proxy(plain_proxy: RunningProxy) -> None:
+    with socket.create_connection(("127.0.0.1", plain_proxy.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /expect HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+        )
+        interim = sock.recv(64)
+        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(b"hello")
+        reply = read_reply(sock, "POST")
+    assert reply.status == 200
+    seen = reply.json()
+    assert seen["body_length"] == 5
+    assert "expect" not in {name.lower() for name, _ in seen["headers"]}
