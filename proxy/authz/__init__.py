@@ -1,0 +1,1 @@
+"""Authorization: route table, path normalization and policy decisions."""
