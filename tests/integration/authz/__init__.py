@@ -1,0 +1,1 @@
+"""Integration tests of authorization: hot reload, Redis convergence, the admin API."""
