@@ -81,6 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--state-dir", default="var/demo", help="where the demo keeps its files")
     demo.set_defaults(func=_cmd_demo)
 
+    from lineage_sidecar.policycmd import add_policy_commands
+
+    policy = commands.add_parser(
+        "policy",
+        help="lint, test and explain Casbin policies and route files",
+        description="Work on policy files offline: the same code the proxy decides with.",
+    )
+    add_policy_commands(
+        policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    )
+
     audit = commands.add_parser("audit", help="work with the audit log")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
     verify = audit_commands.add_parser(

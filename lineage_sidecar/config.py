@@ -28,6 +28,9 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
+from proxy.authn.idp.config import IdpConfig
+from proxy.authn.jwt import IssuerConfig
+
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "LINEAGE_SIDECAR_"
@@ -222,12 +225,121 @@ class LogConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     ] = 100_000
 
 
+class IdentityHeadersConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Headers that carry the verified identity to the upstream. Client copies of them, in
+    any spelling (`X-Auth-User`, `x_auth_user`), are always removed first."""
+
+    user: Annotated[str, _doc("Principal id.")] = "X-Auth-Request-User"
+    email: Annotated[str, _doc("Verified email, when the issuer vouches for one.")] = (
+        "X-Auth-Request-Email"
+    )
+    roles: Annotated[str, _doc("Roles, comma-separated.")] = "X-Auth-Request-Roles"
+    groups: Annotated[str, _doc("Groups, comma-separated.")] = "X-Auth-Request-Groups"
+    issuer: Annotated[str, _doc("Who vouched for the identity.")] = "X-Auth-Request-Issuer"
+    strip: Annotated[
+        list[str],
+        _doc(
+            "More identity-like headers the upstream might trust, removed from every request "
+            "(compared ignoring case and with '_' read as '-')."
+        ),
+    ] = msgspec.field(
+        default_factory=lambda: [
+            "X-User", "X-Remote-User", "X-Forwarded-User", "X-Forwarded-Email", "Remote-User",
+        ]
+    )  # fmt: skip
+
+
+class AuthConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Authentication. Present: every request needs a verified identity unless its route is
+    public. Absent: requests are forwarded without one (a warning is logged)."""
+
+    jwt_issuers: Annotated[
+        list[IssuerConfig],
+        _doc(
+            "Trusted token issuers for `Authorization: Bearer <JWT>`; see the `IssuerConfig` "
+            "fields below. `shared_secret` takes a file: or env: reference."
+        ),
+    ] = []
+    token_cache_entries: Annotated[
+        int,
+        msgspec.Meta(ge=0, le=10_000_000),
+        _doc("Verified tokens kept (until their expiry) so repeats skip the signature check."),
+    ] = 10_000
+    identity_headers: IdentityHeadersConfig = IdentityHeadersConfig()
+    idp: Annotated[
+        IdpConfig | None,
+        _doc(
+            "The sidecar's own identity provider (login with a password, refresh tokens), for "
+            "teams without one. Its endpoints are served under the issuer URL's path."
+        ),
+    ] = None
+
+
+class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Authorization by Casbin policy files, reloaded when they change. Needs `auth`."""
+
+    model: Annotated[str, _doc("Casbin model file.")] = "policies/model.conf"
+    policies: Annotated[list[str], _doc("Casbin policy CSV files (p and g lines).")] = (
+        msgspec.field(default_factory=lambda: ["policies/policy.csv"])
+    )
+    routes: Annotated[
+        str, _doc("Route file mapping methods and paths to resources and actions.")
+    ] = "policies/routes.yaml"
+    poll_interval: Annotated[
+        Annotated[float, msgspec.Meta(gt=0, le=60)],
+        _doc("How often the files are checked for changes (seconds)."),
+    ] = 0.25
+    audit_log: Annotated[
+        str, _doc("Hash-chained JSON lines audit of every decision (created 0600).")
+    ] = "var/audit/audit.jsonl"
+
+
+class CaptureConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The capture tap: one record per request into the spool, for the lineage agent."""
+
+    spool_dir: Annotated[str, _doc("Directory of the spool's segment files.")] = "var/spool"
+    service: Annotated[
+        str | None,
+        _doc("Namespace of the data service in lineage; defaults to the upstream URL."),
+    ] = None
+    max_bytes: Annotated[
+        int, msgspec.Meta(ge=1 << 20), _doc("Spool size limit (bytes, all segments).")
+    ] = 1 << 30
+    when_full: Annotated[
+        Literal["fail_open", "block"],
+        _doc(
+            "When the spool is full: drop new records and count them (fail_open), or make "
+            "requests wait for space (block)."
+        ),
+    ] = "fail_open"
+    correlation_headers: Annotated[
+        list[str], _doc("Request headers copied into the record (job or run ids).")
+    ] = []
+    body_excerpt_bytes: Annotated[
+        int,
+        msgspec.Meta(ge=0, le=1 << 20),
+        _doc("For routes whose SQL is in the body: how much of the body is kept (bytes)."),
+    ] = 64 * 1024
+
+
+class RedisConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Shared state between workers and replicas (sessions, refresh tokens, revocations).
+    Absent: state is kept in each process (one worker only; a warning is logged)."""
+
+    url: Annotated[str, _doc("redis://host:port/db (or rediss://).")]
+    password: Annotated[Secret | None, _doc("Password (file: or env: reference).")] = None
+
+
 class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The whole configuration file."""
 
     proxy: ProxyConfig
     admin: AdminConfig = AdminConfig()
     log: LogConfig = LogConfig()
+    auth: AuthConfig | None = None
+    policy: PolicyConfig | None = None
+    capture: CaptureConfig | None = None
+    redis: RedisConfig | None = None
 
 
 def _resolve_secret(raw: str, field_path: str) -> Secret:
@@ -304,6 +416,17 @@ def _check(config: Config) -> None:
     tls = config.proxy.tls
     if tls.enabled and (tls.cert_file is None) != (tls.key_file is None):
         raise ConfigError("proxy.tls: give both cert_file and key_file, or neither for a dev cert")
+    if config.policy is not None and config.auth is None:
+        raise ConfigError("policy: needs an auth section (policies decide on verified identities)")
+    idp = config.auth.idp if config.auth is not None else None
+    if idp is not None and config.proxy.workers > 1 and config.redis is None:
+        raise ConfigError(
+            "auth.idp: with several workers, sessions and revocations need a redis section"
+        )
+    if config.auth is not None:
+        issuers = [i.issuer for i in config.auth.jwt_issuers]
+        if len(set(issuers)) != len(issuers):
+            raise ConfigError("auth.jwt_issuers: each issuer may appear once")
     for index, cidr in enumerate(config.proxy.trusted_proxies):
         try:
             ipaddress.ip_network(cidr, strict=False)
@@ -383,6 +506,10 @@ def from_mapping(
     """Validate an already-parsed mapping (after environment overrides)."""
     _apply_env(raw, environ or {})
     try:
+        _resolve_issuer_secrets(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    try:
         config = msgspec.convert(raw, Config, dec_hook=_dec_hook, strict=True)
     except msgspec.ValidationError as exc:
         field, problem = _field_path(str(exc))
@@ -393,3 +520,20 @@ def from_mapping(
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return config
+
+
+def _resolve_issuer_secrets(raw: dict[str, Any]) -> None:
+    """`shared_secret: file:/path` or `env:NAME` becomes the secret itself, before the
+    issuer's own checks (such as its minimum length) see it."""
+    auth = raw.get("auth")
+    issuers = auth.get("jwt_issuers") if isinstance(auth, dict) else None
+    if not isinstance(issuers, list):
+        return
+    for index, issuer in enumerate(issuers):
+        secret = issuer.get("shared_secret") if isinstance(issuer, dict) else None
+        if isinstance(secret, str):
+            field = f"auth.jwt_issuers[{index}].shared_secret"
+            try:
+                issuer["shared_secret"] = _resolve_secret(secret, field).value
+            except ValueError as exc:
+                raise ConfigError(f"{field}: {exc}") from None

@@ -33,6 +33,11 @@ def _type_name(info: mi.Type) -> str:
         return " | ".join(json.dumps(v) for v in info.values)
     if isinstance(info, mi.ListType):
         return f"list of {_type_name(info.item_type)}"
+    if isinstance(info, mi.TupleType | mi.VarTupleType):
+        inner = info.item_type if isinstance(info, mi.VarTupleType) else info.item_types[0]
+        return f"list of {_type_name(inner)}"
+    if isinstance(info, mi.StructType):
+        return info.cls.__name__
     if isinstance(info, mi.CustomType):
         return "secret"
     names = {
@@ -72,28 +77,49 @@ def _default(field: mi.Field) -> str:
     return json.dumps(msgspec.to_builtins(field.default))
 
 
-def _section(info: mi.StructType, path: str, out: list[str]) -> None:
-    doc = (info.cls.__doc__ or "").strip()
+def _struct_of(info: mi.Type) -> tuple[mi.StructType, str] | None:
+    """A nested section: a struct, an optional struct, or a list of structs."""
+    if isinstance(info, mi.Metadata):
+        return _struct_of(info.type)
+    if isinstance(info, mi.StructType):
+        return info, ""
+    if isinstance(info, mi.UnionType):
+        structs = [t for t in info.types if isinstance(t, mi.StructType)]
+        if len(structs) == 1 and len(info.types) == 2:
+            return structs[0], " (optional section)"
+    if isinstance(info, mi.ListType) and isinstance(info.item_type, mi.StructType):
+        return info.item_type, "[]"
+    return None
+
+
+def _section(info: mi.StructType, path: str, out: list[str], note: str = "") -> None:
+    doc = " ".join((info.cls.__doc__ or "").split())
     out += [
         "",
-        f"## `{path}`",
+        f"## `{path}`{note}",
         "",
         doc,
         "",
         "| field | type | default | meaning |",
         "|---|---|---|---|",
     ]
-    nested: list[tuple[str, mi.StructType]] = []
+    nested: list[tuple[str, mi.StructType, str]] = []
     for field in info.fields:
-        if isinstance(field.type, mi.StructType):
-            nested.append((f"{path}.{field.name}", field.type))
-            continue
+        section = _struct_of(field.type)
+        if section is not None:
+            child, kind = section
+            if kind == "[]":
+                # A list of structs is a field of its own, with its items described below.
+                nested.append((f"{path}.{field.name}[]", child, " (each item)"))
+            else:
+                nested.append((f"{path}.{field.name}", child, kind))
+                continue
         bounds = _bounds(field.type)
-        kind = _type_name(field.type) + (f" ({bounds})" if bounds else "")
+        kind_name = _type_name(field.type) + (f" ({bounds})" if bounds else "")
         text = _description(field.type).replace("|", "\\|")
-        out.append(f"| `{field.name}` | {kind} | `{_default(field)}` | {text} |")
-    for child_path, child in nested:
-        _section(child, child_path, out)
+        out.append(f"| `{field.name}` | {kind_name} | `{_default(field)}` | {text} |")
+    for child_path, child, child_note in nested:
+        _section(child, child_path, out, child_note)
 
 
 def render() -> str:
@@ -101,8 +127,9 @@ def render() -> str:
     assert isinstance(root, mi.StructType)
     out = [HEADER.rstrip()]
     for field in root.fields:
-        assert isinstance(field.type, mi.StructType)
-        _section(field.type, field.name, out)
+        section = _struct_of(field.type)
+        assert section is not None, field.name
+        _section(section[0], field.name, out, section[1])
     return "\n".join(out) + "\n"
 
 

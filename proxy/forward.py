@@ -20,7 +20,8 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import msgspec
 from aiohttp import web
@@ -29,7 +30,10 @@ from multidict import CIMultiDict
 
 from lineage_sidecar.config import ProxyConfig, parse_upstream
 from proxy.accesslog import AccessLog
+from proxy.gate import Admission, Gate, Refusal
+from proxy.internal import InternalBackend
 from proxy.metrics import ProxyMetrics
+from proxy.tap import Tap
 from proxy.upstream import UpstreamConnection, UpstreamError, UpstreamPool
 
 log = logging.getLogger(__name__)
@@ -118,6 +122,15 @@ def _quote_forwarded(node: str) -> str:
     return f'"[{node}]"' if ":" in node else node
 
 
+@dataclass(slots=True)
+class Exchange:
+    """What one request's handling learned, for the tap."""
+
+    admission: Admission | None = None
+    bytes_in: int = 0
+    excerpt: bytearray | None = None
+
+
 class Forwarder:
     """The request handler: validates framing, forwards, streams the answer back."""
 
@@ -128,11 +141,20 @@ class Forwarder:
         access_log: AccessLog | None,
         *,
         scheme: str,
+        gate: Gate | None = None,
+        tap: Tap | None = None,
+        body_excerpt_bytes: int = 0,
+        internal: Sequence[InternalBackend] = (),
     ) -> None:
         upstream = parse_upstream(config.upstream)
         self._config = config
         self._metrics = metrics
         self._access_log = access_log
+        self._gate = gate
+        self._tap = tap
+        self._strip = gate.strip if gate is not None else frozenset()
+        self._excerpt_limit = body_excerpt_bytes if tap is not None else 0
+        self._internal = tuple(internal)
         self._scheme = scheme
         self._base_path = upstream.base_path.encode("ascii")
         self._upstream_host = upstream.authority.encode("ascii")
@@ -171,8 +193,17 @@ class Forwarder:
         return known
 
     # --- request head -------------------------------------------------------------------
-    def _request_head(self, request: web.BaseRequest, request_id: str, framing: bytes) -> bytes:
-        target = request.raw_path
+    def _request_head(
+        self,
+        request: web.BaseRequest,
+        request_id: str,
+        framing: bytes,
+        target: str | None = None,
+        identity: bytes = b"",
+        base_path: bytes | None = None,
+    ) -> bytes:
+        if target is None:
+            target = request.raw_path
         if not target.startswith("/"):
             raise ClientError(
                 400, "bad_request_target", "only origin-form request targets (/path) are accepted"
@@ -192,7 +223,8 @@ class Forwarder:
         trusted = self._is_trusted(peer)
         dropped = _connection_tokens(raw_headers)
         lines: list[bytes] = [
-            request.method.encode("ascii"), b" ", self._base_path, target.encode("ascii"),
+            request.method.encode("ascii"), b" ",
+            self._base_path if base_path is None else base_path, target.encode("ascii"),
             b" HTTP/1.1\r\nHost: ",
             host.encode("ascii") if self._config.preserve_host else self._upstream_host,
             b"\r\n",
@@ -202,7 +234,12 @@ class Forwarder:
         prior_host = b""
         for name, value in raw_headers:
             lname = name.lower()
-            if lname in HOP_BY_HOP or lname in PROXY_SET or lname in dropped:
+            if (
+                lname in HOP_BY_HOP
+                or lname in PROXY_SET
+                or lname in dropped
+                or (self._strip and lname.replace(b"_", b"-") in self._strip)
+            ):
                 if trusted:
                     if lname == b"x-forwarded-for":
                         prior_for = value
@@ -227,7 +264,7 @@ class Forwarder:
             b"Forwarded: for=", _quote_forwarded(peer_text).encode("ascii"),
             b";proto=", proto, b";host=\"", fwd_host, b"\"\r\n",
             b"X-Request-Id: ", request_id.encode("ascii"), b"\r\n",
-            framing, b"\r\n",
+            identity, framing, b"\r\n",
         )  # fmt: skip
         return b"".join(lines)
 
@@ -270,11 +307,18 @@ class Forwarder:
         request_id = os.urandom(12).hex()
         status = 500
         size = 0
+        exchange = Exchange()
         try:
-            response = await self._forward(request, request_id)
+            response = await self._forward(request, request_id, exchange)
             status = response.status
             size = response.body_length
             return response
+        except Refusal as exc:
+            status = exc.status
+            exchange.admission = exc.admission
+            refused = error_response(status, exc.error, exc.message, request_id)
+            refused.headers.update(exc.headers)
+            return refused
         except ClientError as exc:
             status = exc.status
             self._metrics.rejected.labels(str(status)).inc()
@@ -286,6 +330,18 @@ class Forwarder:
         finally:
             elapsed = time.perf_counter() - started
             self._metrics.count_response(status, elapsed)
+            if self._tap is not None:
+                await self._tap.record(
+                    request,
+                    request_id=request_id,
+                    time_ns=time.time_ns() - int(elapsed * 1e9),
+                    status=status,
+                    bytes_in=exchange.bytes_in,
+                    bytes_out=size,
+                    duration_s=elapsed,
+                    admission=exchange.admission,
+                    body_excerpt=bytes(exchange.excerpt) if exchange.excerpt else None,
+                )
             if self._access_log is not None:
                 self._access_log.record(
                     (
@@ -294,21 +350,38 @@ class Forwarder:
                     )
                 )  # fmt: skip
 
-    async def _forward(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
+    async def _forward(
+        self, request: web.BaseRequest, request_id: str, exchange: Exchange
+    ) -> web.StreamResponse:
         if UNSUPPORTED_VERSION in request:
             raise ClientError(505, "http_version", "only HTTP/1.0 and HTTP/1.1 are supported")
         framing, length, chunked = self._framing(request)
-        head = self._request_head(request, request_id, framing)
+        pool = self.pool
+        if self._gate is not None:
+            admission = exchange.admission = await self._gate.admit(request, request_id)
+            base_path = None
+            for backend in self._internal:
+                if backend.matches(admission.target):
+                    pool, base_path = backend.pool, b""
+                    break
+            head = self._request_head(
+                request, request_id, framing, admission.target, admission.identity, base_path
+            )
+            sql = admission.match.route.sql if admission.match is not None else None
+            if sql is not None and sql.location == "body" and self._excerpt_limit:
+                exchange.excerpt = bytearray()
+        else:
+            head = self._request_head(request, request_id, framing)
         has_body = chunked or bool(length)
         if has_body and request.headers.get("Expect", "").lower() == "100-continue":
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        assert self.pool is not None
+        assert pool is not None
         head_request = request.method == "HEAD"
-        conn = await self.pool.acquire()
+        conn = await pool.acquire()
         try:
             conn.start_exchange(head, head_request=head_request)
             if has_body:
-                await self._send_body(request, conn, chunked)
+                await self._send_body(request, conn, chunked, exchange)
             try:
                 await conn.wait_headers(self._read_timeout)
             except UpstreamError as exc:
@@ -316,17 +389,21 @@ class Forwarder:
                 # try once more on a fresh one when no body was sent and nothing came back.
                 if not (conn.reused and exc.before_response and not has_body):
                     raise
-                self.pool.release(conn, reusable=False)
-                conn = await self.pool.acquire()
+                pool.release(conn, reusable=False)
+                conn = await pool.acquire()
                 conn.start_exchange(head, head_request=head_request)
                 await conn.wait_headers(self._read_timeout)
-            return await self._respond(request, conn, request_id)
+            return await self._respond(request, conn, request_id, pool)
         except BaseException:
-            self.pool.release(conn, reusable=False)
+            pool.release(conn, reusable=False)
             raise
 
     async def _send_body(
-        self, request: web.BaseRequest, conn: UpstreamConnection, chunked: bool
+        self,
+        request: web.BaseRequest,
+        conn: UpstreamConnection,
+        chunked: bool,
+        exchange: Exchange,
     ) -> None:
         content = request.content
         total = 0
@@ -344,6 +421,10 @@ class Forwarder:
             if not data:
                 break
             total += len(data)
+            exchange.bytes_in = total
+            excerpt = exchange.excerpt
+            if excerpt is not None and len(excerpt) < self._excerpt_limit:
+                excerpt += data[: self._excerpt_limit - len(excerpt)]
             if limit is not None and total > limit:
                 raise ClientError(
                     413, "body_too_large", f"the request body is larger than {limit} bytes"
@@ -377,9 +458,12 @@ class Forwarder:
         return headers, length
 
     async def _respond(
-        self, request: web.BaseRequest, conn: UpstreamConnection, request_id: str
+        self,
+        request: web.BaseRequest,
+        conn: UpstreamConnection,
+        request_id: str,
+        pool: UpstreamPool,
     ) -> web.StreamResponse:
-        assert self.pool is not None
         headers, length = self._response_headers(conn)
         status = conn.status
         if not conn.message_done and length is not None and length <= SMALL_BODY:
@@ -392,7 +476,7 @@ class Forwarder:
                 whole = web.Response(status=status, headers=headers)
             else:
                 whole = web.Response(status=status, body=body, headers=headers)
-            self.pool.release(conn, reusable=True)
+            pool.release(conn, reusable=True)
             return whole
 
         response = web.StreamResponse(status=status, headers=headers)
@@ -412,8 +496,8 @@ class Forwarder:
             log.warning("upstream failed mid-response (request %s): %s", request_id, exc.message)
             if request.transport is not None:
                 request.transport.abort()
-            self.pool.release(conn, reusable=False)
+            pool.release(conn, reusable=False)
             return response
         await response.write_eof()
-        self.pool.release(conn, reusable=True)
+        pool.release(conn, reusable=True)
         return response

@@ -17,6 +17,8 @@ import gc
 import logging
 import socket
 import ssl
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -25,14 +27,72 @@ from aiohttp.http import HttpVersion10, HttpVersion11, RawRequestMessage
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
+from redis.asyncio import Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-from lineage_sidecar.config import Config, parse_listen
+from agent.spool import SpoolBusyError, SpoolOptions, SpoolWriter
+from lineage_sidecar.config import Config, RedisConfig, parse_listen
 from proxy.accesslog import AccessLog
+from proxy.audit import AuditEntry, AuditLog
+from proxy.authn.chain import AuthChain, BearerJWT
+from proxy.authn.idp.app import IdentityProvider
+from proxy.authn.idp.config import IdpConfig
+from proxy.authn.idp.events import AuthEvent, LoggingEventSink
+from proxy.authz.store import PolicyLoadError, PolicyStore
 from proxy.forward import UNSUPPORTED_VERSION, ErrorBody, Forwarder, encode_error
+from proxy.gate import Gate
+from proxy.internal import InternalBackend
 from proxy.metrics import ProxyMetrics
+from proxy.tap import Tap
 from proxy.tls import CertificatePaths, CertificateReloader, server_context
 
 log = logging.getLogger(__name__)
+
+
+def redis_client(config: RedisConfig) -> Redis:
+    """One client per worker, with short retries: a Redis outage must turn into a quick
+    503 (fail closed), not requests hanging through redis-py's default backoff."""
+    return Redis.from_url(
+        config.url,
+        password=config.password.value if config.password is not None else None,
+        socket_connect_timeout=1.0,
+        socket_timeout=2.0,
+        retry=Retry(NoBackoff(), 1),
+    )
+
+
+def forwarded_client(request: web.Request) -> str:
+    """The client address of a request to an internal backend: only the proxy reaches its
+    socket, and the proxy sets X-Forwarded-For from the verified peer (last entry)."""
+    chain = request.headers.get("X-Forwarded-For", "")
+    return chain.rsplit(",", 1)[-1].strip() or "unknown"
+
+
+class AuditEventSink:
+    """Identity provider events (logins, refresh reuse, logouts) into the audit chain."""
+
+    def __init__(self, audit: Callable[[], AuditLog | None]) -> None:
+        self._audit = audit
+
+    def emit(self, event: AuthEvent) -> None:
+        audit = self._audit()
+        if audit is None:
+            LoggingEventSink().emit(event)
+            return
+        audit.record(
+            AuditEntry(
+                time_ns=int(event.time * 1e9),
+                request_id="",
+                principal=event.username,
+                method="AUTH",
+                path=event.client_address or "",
+                resource=f"session:{event.family}" if event.family else None,
+                action=event.kind,
+                decision=event.kind,
+                reason=event.reason or event.kind,
+            )
+        )
 
 
 class StartupError(Exception):
@@ -156,11 +216,25 @@ class ProxyWorker:
         metrics: ProxyMetrics,
         tls_paths: CertificatePaths | None,
         sock: socket.socket,
+        *,
+        index: int = 0,
+        workers: int = 1,
     ) -> None:
         self.config = config
         self.metrics = metrics
         self._tls_paths = tls_paths
         self._sock = sock
+        self._index = index
+        self._workers = workers
+        self.bearer: BearerJWT | None = None
+        self.policy: PolicyStore | None = None
+        self.audit: AuditLog | None = None
+        self.spool: SpoolWriter | None = None
+        self.gate: Gate | None = None
+        self.tap: Tap | None = None
+        self.idp: IdentityProvider | None = None
+        self.redis: Redis | None = None
+        self.internal: list[InternalBackend] = []
         self.ssl_context: ssl.SSLContext | None = None
         self.reloader: CertificateReloader | None = None
         self.access_log: AccessLog | None = None
@@ -185,8 +259,18 @@ class ProxyWorker:
                 self.config.log.access_log_buffer,
                 self.metrics.access_log_dropped.inc,
             )
+        await self._start_gate()
+        self._start_tap()
+        capture = self.config.capture
         self.forwarder = Forwarder(
-            proxy, self.metrics, self.access_log, scheme="https" if proxy.tls.enabled else "http"
+            proxy,
+            self.metrics,
+            self.access_log,
+            scheme="https" if proxy.tls.enabled else "http",
+            gate=self.gate,
+            tap=self.tap,
+            body_excerpt_bytes=capture.body_excerpt_bytes if capture is not None else 0,
+            internal=self.internal,
         )
         self.forwarder.start()
         limits = proxy.limits
@@ -210,10 +294,122 @@ class ProxyWorker:
             self._spawn(self._watch_certificates(self.reloader), "tls-reloader")
         if self.access_log is not None:
             self._spawn(self.access_log.run(), "access-log-writer")
+        if self.policy is not None:
+            self._spawn(self.policy.run(), "policy-reloader")
+        if self.audit is not None:
+            self._spawn(self.audit.run(), "audit-writer")
         # Everything built so far lives as long as the process: move it out of the cyclic
         # collector's reach so full collections (the proxy's p99 spikes) scan less.
         gc.collect()
         gc.freeze()
+
+    def _per_worker(self, path: str) -> Path:
+        """With several workers each writes its own file: `audit.jsonl` -> `audit.w1.jsonl`."""
+        target = Path(path)
+        if self._workers == 1:
+            return target
+        return target.with_name(f"{target.stem}.w{self._index}{target.suffix}")
+
+    async def _start_gate(self) -> None:
+        auth = self.config.auth
+        if auth is None:
+            log.warning(
+                "no auth section: every well-formed request is forwarded without a verified "
+                "identity; configure auth and policy before exposing this proxy"
+            )
+            return
+        if auth.idp is not None:
+            await self._start_idp(auth.idp)
+        local = [self.idp] if self.idp is not None else []
+        self.bearer = BearerJWT(
+            auth.jwt_issuers, cache_entries=auth.token_cache_entries, local=local
+        )
+        try:
+            await self.bearer.start()
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"auth.jwt_issuers: {exc}") from None
+        chain = AuthChain([self.bearer])
+        policy = self.config.policy
+        if policy is not None:
+            self.policy = PolicyStore(
+                Path(policy.model),
+                [Path(p) for p in policy.policies],
+                Path(policy.routes),
+                poll_interval=policy.poll_interval,
+            )
+            try:
+                self.policy.load()
+            except PolicyLoadError as exc:
+                raise StartupError(f"policy: {exc}") from None
+            self.audit = AuditLog(self._per_worker(policy.audit_log))
+        self.gate = Gate(
+            auth=chain,
+            policy=self.policy,
+            audit=self.audit,
+            identity=auth.identity_headers,
+            public_backends=self.internal,
+        )
+
+    async def _start_idp(self, config: IdpConfig) -> None:
+        if self.config.redis is not None:
+            self.redis = redis_client(self.config.redis)
+        else:
+            log.warning(
+                "no redis section: the identity provider keeps sessions, refresh tokens and "
+                "revocations in this process (one worker; lost on restart)"
+            )
+        try:
+            self.idp = await asyncio.get_running_loop().run_in_executor(
+                None,
+                lambda: IdentityProvider.from_config(
+                    config,
+                    redis=self.redis,
+                    events=AuditEventSink(lambda: self.audit),
+                    client_address=forwarded_client,
+                ),
+            )
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"auth.idp: {exc}") from None
+        if not config.mount_path:
+            raise StartupError("auth.idp.issuer: needs a path (e.g. https://host/_sidecar)")
+        root = web.Application()
+        root.add_subapp(config.mount_path, self.idp.app())
+        backend = InternalBackend("identity-provider", config.mount_path, root, public=True)
+        await backend.start(self.config.proxy)
+        self.internal.append(backend)
+
+    def _start_tap(self) -> None:
+        capture = self.config.capture
+        if capture is None:
+            return
+        directory = Path(capture.spool_dir) / f"w{self._index}"
+        options = SpoolOptions(max_bytes=capture.max_bytes, when_full=capture.when_full)
+        try:
+            options.check()
+            self.spool = SpoolWriter(directory, options)
+        except (ValueError, OSError, SpoolBusyError) as exc:
+            raise StartupError(f"capture.spool_dir {directory}: {exc}") from None
+        service = capture.service or self.config.proxy.upstream
+        self.tap = Tap(
+            self.spool,
+            service=service,
+            correlation_headers=capture.correlation_headers,
+            block_when_full=capture.when_full == "block",
+        )
+
+    def readiness(self) -> list[str]:
+        """Reasons this worker is not fully serving (for /readyz), empty when it is."""
+        reasons = []
+        if self.policy is not None and (problem := self.policy.status()) is not None:
+            reasons.append(problem)
+        if self.spool is not None:
+            if self.spool.is_full:
+                reasons.append("capture spool is full")
+            if self.spool.last_write_error:
+                reasons.append(f"capture spool cannot write: {self.spool.last_write_error}")
+        if self.audit is not None and self.audit.pending > 100_000:
+            reasons.append(f"audit log is behind by {self.audit.pending} decisions")
+        return reasons
 
     def _spawn(self, coro: Any, name: str) -> None:
         self._tasks.append(asyncio.get_running_loop().create_task(coro, name=name))
@@ -239,5 +435,15 @@ class ProxyWorker:
         if self.access_log is not None:
             await self.access_log.flush()
             self.access_log.close()
+        if self.audit is not None:
+            await self.audit.flush()
+        if self.spool is not None:
+            await self.spool.aclose()
+        if self.bearer is not None:
+            await self.bearer.close()
+        for backend in self.internal:
+            await backend.stop()
+        if self.redis is not None:
+            await self.redis.aclose()
         if self.forwarder is not None and self.forwarder.pool is not None:
             self.forwarder.pool.close()

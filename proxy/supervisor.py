@@ -81,10 +81,16 @@ class Proxy:
         (sock,) = bind_sockets(self.config.proxy.listen, 1)
         self.port = sock.getsockname()[1]
         self.worker = ProxyWorker(self.config, self.metrics, self.tls_paths, sock)
+        worker = self.worker
+
+        async def worker_ready() -> str | None:
+            reasons = worker.readiness()
+            return "; ".join(reasons) if reasons else None
+
         try:
             await self.worker.start()
             self.admin = await start_admin(
-                self.config, [upstream_probe(self.config)], self.registry
+                self.config, [upstream_probe(self.config), worker_ready], self.registry
             )
         except BaseException:
             await self.stop()
@@ -122,12 +128,16 @@ def _worker_main(
     tls_paths: CertificatePaths | None,
     sock: socket.socket,
     ready: multiprocessing.synchronize.Event,
+    index: int,
+    workers: int,
 ) -> None:
     """Entry point of a worker process (spawned, so it imports everything afresh)."""
     configure_logging(config.log.level)
 
     async def serve() -> None:
-        worker = ProxyWorker(config, ProxyMetrics(None), tls_paths, sock)
+        worker = ProxyWorker(
+            config, ProxyMetrics(None), tls_paths, sock, index=index, workers=workers
+        )
         stop = _stop_event()
         await worker.start()
         ready.set()
@@ -157,7 +167,7 @@ async def _serve_workers(config: Config, metrics_dir: str) -> None:
         slot.ready = ctx.Event()
         slot.process = ctx.Process(
             target=_worker_main,
-            args=(config, tls_paths, slot.sock, slot.ready),
+            args=(config, tls_paths, slot.sock, slot.ready, slot.index, len(slots)),
             name=f"lineage-sidecar-worker-{slot.index}",
             daemon=False,
         )

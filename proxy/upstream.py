@@ -264,10 +264,13 @@ class UpstreamPool:
         max_idle: int,
         idle_timeout: float,
         connect_timeout: float,
+        unix_path: str | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.host = host
         self.port = port
+        # The sidecar's own endpoints are served on a private unix socket (see proxy.internal).
+        self.unix_path = unix_path
         self._max_connections = max_connections
         self._max_idle = max_idle
         self._idle_timeout = idle_timeout
@@ -306,7 +309,10 @@ class UpstreamPool:
         self._open.add(conn)
         try:
             async with asyncio.timeout(self._connect_timeout):
-                await self.loop.create_connection(lambda: conn, self.host, self.port)
+                if self.unix_path is not None:
+                    await self.loop.create_unix_connection(lambda: conn, self.unix_path)
+                else:
+                    await self.loop.create_connection(lambda: conn, self.host, self.port)
         except TimeoutError:
             self.forget(conn)
             raise UpstreamError(

@@ -85,10 +85,12 @@ def run_proxy(
     proxy: dict[str, Any] | None = None,
     env: dict[str, str] | None = None,
     wait_ready: bool = True,
+    extra: dict[str, Any] | None = None,
+    port: int | None = None,
 ) -> Iterator[RunningProxy]:
     """Start the proxy CLI on free ports; stop it (SIGTERM, drain) afterwards."""
     tmp.mkdir(parents=True, exist_ok=True)
-    port, admin_port = free_port(), free_port()
+    port, admin_port = port or free_port(), free_port()
     config: dict[str, Any] = {
         "proxy": {
             "listen": f"127.0.0.1:{port}",
@@ -98,6 +100,7 @@ def run_proxy(
         },
         "admin": {"listen": f"127.0.0.1:{admin_port}"},
         "log": {"access_log": str(tmp / "access.log"), "level": "info"},
+        **(extra or {}),
     }
     config_path = tmp / "proxy.yaml"
     config_path.write_text(yaml.safe_dump(config))

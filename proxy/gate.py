@@ -1,0 +1,231 @@
+"""The gate every request passes before it is forwarded: authn -> authz -> audit.
+
+In order: the target is normalized and matched to a route (the path the policy sees is
+the path the upstream receives); unless the route is public, the caller is authenticated
+(401 without credentials, 401/503 from a failed check); the policy decides on the
+verified principal and its roles (403 when denied; a request no route matches is denied);
+the decision is audited; the identity headers for the upstream are built. Any refusal is
+a `Refusal` carrying what was learned so far, so the tap can record denied requests too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from lineage_sidecar.config import IdentityHeadersConfig
+from proxy.audit import AuditEntry, AuditLog
+from proxy.authn.chain import AuthChain
+from proxy.authn.principal import AuthError, Principal
+from proxy.authz.engine import Decision
+from proxy.authz.paths import PathRejected
+from proxy.authz.routes import RouteMatch
+from proxy.authz.store import PolicyStore, decide_principal
+from proxy.internal import InternalBackend
+
+NO_ROUTE = "no route matches this request: deny by default"
+PUBLIC = "public route"
+NO_POLICY = "authenticated; no policy configured"
+
+
+@dataclass(slots=True)
+class Admission:
+    """What the gate learned about one request; complete when it is admitted."""
+
+    target: str
+    principal: Principal | None = None
+    match: RouteMatch | None = None
+    decision: Decision | None = None
+    outcome: str = "none"  # allow | deny | unauthenticated | rejected | none
+    identity: bytes = b""
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class Refusal(Exception):
+    """The gate said no: `status` and a JSON `error` for the client."""
+
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        message: str,
+        admission: Admission,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.message = message
+        self.admission = admission
+        self.headers = headers or {}
+
+
+def header_value(text: str) -> bytes:
+    """Printable ASCII passes; anything else (CR, LF, NUL, non-ASCII, and ',' which
+    separates list items) is percent-encoded, so no identity value can break a header."""
+    out = []
+    for char in text:
+        code = ord(char)
+        if 0x20 <= code < 0x7F and char not in ",%":
+            out.append(char)
+        else:
+            out.extend(f"%{byte:02X}" for byte in char.encode("utf-8", "surrogatepass"))
+    return "".join(out).encode("ascii")
+
+
+def normalized_header_name(name: str | bytes) -> bytes:
+    """How an upstream may read a header name: case folded, '_' taken for '-'."""
+    raw = name.encode("latin-1") if isinstance(name, str) else name
+    return raw.lower().replace(b"_", b"-")
+
+
+def _rule_text(decision: Decision | None) -> str | None:
+    if decision is None or not decision.rule:
+        return None
+    text = ", ".join(decision.rule)
+    return f"{text} ({decision.source})" if decision.source else text
+
+
+class Gate:
+    """Authentication, authorization and audit, configured once at start."""
+
+    def __init__(
+        self,
+        *,
+        auth: AuthChain,
+        policy: PolicyStore | None,
+        audit: AuditLog | None,
+        identity: IdentityHeadersConfig,
+        public_backends: Sequence[InternalBackend] = (),
+    ) -> None:
+        self._auth = auth
+        self._public_backends = tuple(b for b in public_backends if b.public)
+        self._policy = policy
+        self._audit = audit
+        self._names = (
+            identity.user.encode("ascii"),
+            identity.email.encode("ascii"),
+            identity.roles.encode("ascii"),
+            identity.groups.encode("ascii"),
+            identity.issuer.encode("ascii"),
+        )
+        # Client copies of these never reach the upstream, in any spelling.
+        self.strip = frozenset(
+            normalized_header_name(n)
+            for n in (*self._names, *(s.encode("ascii") for s in identity.strip))
+        )
+
+    async def admit(self, request: web.BaseRequest, request_id: str) -> Admission:
+        admission = Admission(target=request.raw_path)
+        snapshot = self._policy.current if self._policy is not None else None
+        if snapshot is not None:
+            try:
+                normalized, admission.match = snapshot.routes.resolve(
+                    request.method, request.raw_path
+                )
+            except PathRejected as exc:
+                admission.outcome = "rejected"
+                raise Refusal(exc.status, "bad_path", exc.reason, admission) from None
+            admission.target = normalized.upstream_target
+        for backend in self._public_backends:
+            if backend.matches(admission.target):
+                admission.outcome = "allow"
+                admission.decision = Decision(True, f"sidecar endpoint: {backend.name}")
+                self._audit_or_refuse(request, request_id, admission)
+                return admission
+        match = admission.match
+        if match is not None and match.route.public:
+            admission.outcome = "allow"
+            admission.decision = Decision(True, PUBLIC)
+            self._audit_or_refuse(request, request_id, admission)
+            return admission
+
+        try:
+            principal = await self._auth.authenticate(request.headers)
+        except AuthError as exc:
+            admission.outcome = "unauthenticated"
+            self._audit_or_refuse(request, request_id, admission, reason=exc.reason)
+            headers = {}
+            if exc.status == 401:
+                headers["WWW-Authenticate"] = (
+                    f'Bearer realm="lineage-sidecar", error="invalid_token", '
+                    f'error_description="{exc.reason}"'
+                )
+            message = (
+                "the credentials were refused"
+                if exc.status == 401
+                else ("authentication cannot be decided now")
+            )
+            raise Refusal(exc.status, exc.reason, message, admission, headers) from None
+        if principal is None:
+            admission.outcome = "unauthenticated"
+            self._audit_or_refuse(request, request_id, admission, reason="no credentials")
+            raise Refusal(
+                401,
+                "unauthenticated",
+                "this route needs credentials",
+                admission,
+                {"WWW-Authenticate": 'Bearer realm="lineage-sidecar"'},
+            )
+        admission.principal = principal
+
+        if snapshot is None:
+            admission.decision = Decision(True, NO_POLICY)
+        elif match is None:
+            admission.decision = Decision(False, NO_ROUTE)
+        else:
+            admission.decision = decide_principal(
+                snapshot.engine, principal.id, principal.roles, match.resource, match.action
+            )
+        admission.outcome = "allow" if admission.decision.allowed else "deny"
+        self._audit_or_refuse(request, request_id, admission)
+        if not admission.decision.allowed:
+            raise Refusal(403, "forbidden", admission.decision.reason, admission)
+        admission.identity = self._identity(principal)
+        return admission
+
+    def _identity(self, principal: Principal) -> bytes:
+        user, email, roles, groups, issuer = self._names
+        lines = [user, b": ", header_value(principal.id), b"\r\n"]
+        lines += (issuer, b": ", header_value(principal.issuer), b"\r\n")
+        if principal.email is not None:
+            lines += (email, b": ", header_value(principal.email), b"\r\n")
+        if principal.roles:
+            lines += (roles, b": ", b",".join(header_value(r) for r in principal.roles), b"\r\n")
+        if principal.groups:
+            lines += (groups, b": ", b",".join(header_value(g) for g in principal.groups), b"\r\n")
+        return b"".join(lines)
+
+    def _audit_or_refuse(
+        self,
+        request: web.BaseRequest,
+        request_id: str,
+        admission: Admission,
+        *,
+        reason: str | None = None,
+    ) -> None:
+        if self._audit is None:
+            return
+        decision = admission.decision
+        match = admission.match
+        principal = admission.principal
+        entry = AuditEntry(
+            time_ns=time.time_ns(),
+            request_id=request_id,
+            principal=principal.id if principal is not None else None,
+            roles=principal.roles if principal is not None else (),
+            method=request.method,
+            path=admission.target,
+            resource=match.resource if match is not None else None,
+            action=match.action if match is not None else None,
+            decision=admission.outcome,
+            rule=_rule_text(decision),
+            reason=reason or (decision.reason if decision is not None else admission.outcome),
+        )
+        if not self._audit.record(entry):
+            raise Refusal(
+                503, "audit_unavailable", "decisions cannot be audited now; refusing", admission
+            )

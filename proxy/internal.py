@@ -1,0 +1,66 @@
+"""The sidecar's own endpoints (its identity provider, later the lineage API) as backends.
+
+Each runs as an aiohttp application on a unix socket in a private directory (0700) and is
+reached through the same forwarding path as the data service, selected by path prefix.
+So its requests pass the same gate (path normalization, authentication unless the
+endpoint authenticates by itself, policy, audit) and it learns the caller only from the
+identity headers the proxy sets: nothing but this process can reach the socket.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from aiohttp import web
+
+from lineage_sidecar.config import ProxyConfig
+from proxy.upstream import UpstreamPool
+
+
+class InternalBackend:
+    """One application behind a path prefix, served on its own unix socket."""
+
+    def __init__(self, name: str, prefix: str, app: web.Application, *, public: bool) -> None:
+        if not prefix.startswith("/") or prefix.endswith("/"):
+            raise ValueError(f"{name}: prefix must start with '/' and not end with one: {prefix!r}")
+        self.name = name
+        self.prefix = prefix
+        # Public backends authenticate callers themselves (a login endpoint cannot ask
+        # for a token); the gate skips authentication and policy for them.
+        self.public = public
+        self._app = app
+        self._runner: web.AppRunner | None = None
+        self._directory: tempfile.TemporaryDirectory[str] | None = None
+        self.pool: UpstreamPool | None = None
+
+    def matches(self, target: str) -> bool:
+        prefix = self.prefix
+        return target.startswith(prefix) and (
+            len(target) == len(prefix) or target[len(prefix)] in "/?"
+        )
+
+    async def start(self, config: ProxyConfig) -> None:
+        self._directory = tempfile.TemporaryDirectory(prefix=f"lineage-sidecar-{self.name}-")
+        path = Path(self._directory.name) / "http.sock"
+        self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        await web.UnixSite(self._runner, str(path)).start()
+        path.chmod(0o600)
+        self.pool = UpstreamPool(
+            "localhost",
+            0,
+            max_connections=64,
+            max_idle=16,
+            idle_timeout=config.pool.idle_timeout,
+            connect_timeout=config.timeouts.connect,
+            unix_path=str(path),
+        )
+
+    async def stop(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._directory is not None:
+            self._directory.cleanup()

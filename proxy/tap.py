@@ -1,0 +1,142 @@
+"""The capture tap: one `CaptureRecord` per request, handed to the spool.
+
+Runs after the response (or the refusal) is known and costs the request path one struct
+and one in-memory append (`SpoolWriter.append`); the spool's own thread writes and
+fsyncs. Denied and unauthenticated requests are recorded too: who tried to read what is
+exactly what an access review wants. SQL is taken from the route's declared place (a
+query parameter, or the body excerpt the forwarder kept) and left raw here: redaction is
+the agent's first step, before anything leaves the host.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from urllib.parse import parse_qs
+
+from aiohttp import web
+
+from agent.capture import CaptureRecord, Decision
+from agent.spool import SpoolWriter
+from proxy.gate import Admission
+
+log = logging.getLogger(__name__)
+
+_OUTCOMES: dict[str, Decision] = {
+    "allow": "allow",
+    "deny": "deny",
+    "unauthenticated": "unauthenticated",
+    "rejected": "error",
+}
+
+
+def sql_from_query(query: str | None, param: str) -> str | None:
+    if not query:
+        return None
+    values = parse_qs(query, keep_blank_values=False).get(param)
+    return values[0] if values else None
+
+
+def sql_from_body(excerpt: bytes, content_type: str, param: str) -> str | None:
+    """SQL from a form, a JSON object or a plain-text body, as far as the excerpt holds it."""
+    text = excerpt.decode("utf-8", "replace")
+    kind = content_type.split(";", 1)[0].strip().lower()
+    if kind == "application/x-www-form-urlencoded":
+        return sql_from_query(text, param)
+    if kind == "application/json":
+        try:
+            document = json.loads(text)
+        except ValueError:
+            return None
+        value = document.get(param) if isinstance(document, dict) else None
+        return value if isinstance(value, str) else None
+    return text or None
+
+
+class Tap:
+    """Builds the record; the spool writer owns durability and back-pressure."""
+
+    def __init__(
+        self,
+        spool: SpoolWriter,
+        *,
+        service: str,
+        correlation_headers: Sequence[str],
+        block_when_full: bool,
+    ) -> None:
+        self.spool = spool
+        self._service = service
+        self._block = block_when_full
+        self._correlation = tuple((h, h.lower()) for h in correlation_headers)
+        self.dropped = 0
+
+    async def record(
+        self,
+        request: web.BaseRequest,
+        *,
+        request_id: str,
+        time_ns: int,
+        status: int,
+        bytes_in: int,
+        bytes_out: int,
+        duration_s: float,
+        admission: Admission | None,
+        body_excerpt: bytes | None,
+    ) -> None:
+        headers = request.headers
+        principal = admission.principal if admission is not None else None
+        match = admission.match if admission is not None else None
+        decision = admission.decision if admission is not None else None
+        path, _, query = (
+            admission.target if admission is not None else request.raw_path
+        ).partition("?")
+        sql = None
+        dialect = None
+        excerpt_text = None
+        if match is not None and match.route.sql is not None:
+            source = match.route.sql
+            dialect = source.dialect
+            if source.location == "query":
+                sql = sql_from_query(query, source.param)
+            elif body_excerpt:
+                sql = sql_from_body(body_excerpt, headers.get("Content-Type", ""), source.param)
+                excerpt_text = body_excerpt.decode("utf-8", "replace")
+        correlation = {
+            lower: value
+            for name, lower in self._correlation
+            if (value := headers.get(name)) is not None
+        }
+        record = CaptureRecord(
+            request_id=request_id,
+            time_ns=time_ns,
+            service=self._service,
+            principal=principal.id if principal is not None else None,
+            roles=principal.roles if principal is not None else (),
+            method=request.method,
+            path=path,
+            query=query,
+            route=match.route.name if match is not None else None,
+            resource=match.resource if match is not None else None,
+            action=match.action if match is not None else None,
+            decision=_OUTCOMES.get(admission.outcome, "none") if admission is not None else "none",
+            rule=", ".join(decision.rule) if decision is not None and decision.rule else None,
+            status=status,
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+            duration_us=int(duration_s * 1_000_000),
+            traceparent=headers.get("traceparent"),
+            tracestate=headers.get("tracestate"),
+            correlation=correlation,
+            sql=sql,
+            sql_dialect=dialect,
+            body_excerpt=excerpt_text,
+        )
+        # fail_open: never wait, a full spool drops and counts. block: the handler waits
+        # for space before its response goes out, so a stuck agent slows clients down
+        # instead of losing their records.
+        appended = (
+            await self.spool.append_wait(record) if self._block else self.spool.append(record)
+        )
+        if not appended:
+            self.dropped += 1

@@ -1,0 +1,360 @@
+"""The whole gate through the real proxy: JWT authentication, Casbin policy from files
+(hot-reloaded), the audit chain and the capture spool, in front of the echo upstream."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from authlib.jose import JsonWebKey
+from authlib.jose import jwt as authlib_jwt
+
+from agent.spool import SpoolReader
+from proxy.audit import verify
+from tests.integration.proxy.conftest import RunningProxy, run_proxy
+from tests.integration.proxy.rawhttp import Reply, exchange, get
+
+ISSUER = "https://idp.test.example"
+AUDIENCE = "sales-api"
+
+MODEL = """\
+[request_definition]
+r = sub, obj, act
+
+[policy_definition]
+p = sub, obj, act, eft
+
+[role_definition]
+g = _, _
+
+[policy_effect]
+e = some(where (p.eft == allow)) && !some(where (p.eft == deny))
+
+[matchers]
+m = g(r.sub, p.sub) && globMatch(r.obj, p.obj) && r.act == p.act
+"""
+
+POLICY = """\
+p, analyst, dataset:sales, read, allow
+p, analyst, dataset:sales.*, read, allow
+p, engineer, dataset:sales.*, read, allow
+p, engineer, dataset:sales.*, write, allow
+p, analyst, dataset:sales.secret, read, deny
+p, engineer, dataset:sales.secret, read, deny
+g, dave, analyst
+"""
+
+ROUTES = """\
+version: 1
+routes:
+  - name: table
+    methods: [GET, HEAD]
+    path: /{db}/{table}.json
+    resource: dataset:{db}.{table}
+    action: read
+  - name: sql
+    methods: [GET]
+    path: /{db}.json
+    resource: dataset:{db}
+    action: read
+    sql: {from: query, param: sql, dialect: sqlite}
+  - name: insert
+    methods: [POST]
+    path: /{db}/{table}/-/insert
+    resource: dataset:{db}.{table}
+    action: write
+  - name: versions
+    methods: [GET]
+    path: /-/versions.json
+    resource: meta:versions
+    action: read
+    public: true
+"""
+
+
+@dataclass
+class Issuer:
+    key: Any
+
+    def token(self, subject: str, roles: list[str], **overrides: Any) -> str:
+        now = int(time.time())
+        claims = {
+            "iss": ISSUER, "aud": AUDIENCE, "sub": subject, "roles": roles,
+            "iat": now, "nbf": now, "exp": now + 600,
+        }  # fmt: skip
+        claims.update(overrides)
+        header = {"alg": "RS256", "kid": self.key.as_dict()["kid"]}
+        token: bytes = authlib_jwt.encode(header, claims, self.key)
+        return token.decode("ascii")
+
+
+@dataclass
+class GatedProxy:
+    proxy: RunningProxy
+    issuer: Issuer
+    policy_dir: Path
+    audit: Path
+    spool: Path
+
+    def call(self, method: str, target: str, token: str | None, extra: str = "") -> Reply:
+        auth = f"Authorization: Bearer {token}\r\n" if token else ""
+        body = "Content-Length: 2\r\n\r\n{}" if method == "POST" else "\r\n"
+        head = (
+            f"{method} {target} HTTP/1.1\r\nHost: sales.test\r\n{auth}{extra}"
+            f"Connection: close\r\n{body}"
+        )
+        return exchange(self.proxy.port, head.encode("latin-1"), method=method)
+
+
+@pytest.fixture(scope="module")
+def gated(echo_upstream: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatedProxy]:
+    directory = tmp_path_factory.mktemp("gated")
+    key = JsonWebKey.generate_key("RSA", 2048, is_private=True, options={"kid": "k1"})
+    keyset = directory / "jwks.json"
+    keyset.write_text(json.dumps({"keys": [key.as_dict(is_private=False)]}))
+    policy_dir = directory / "policies"
+    policy_dir.mkdir()
+    (policy_dir / "model.conf").write_text(MODEL)
+    (policy_dir / "policy.csv").write_text(POLICY)
+    (policy_dir / "routes.yaml").write_text(ROUTES)
+    audit = directory / "audit.jsonl"
+    spool = directory / "spool"
+    extra = {
+        "auth": {
+            "jwt_issuers": [
+                {
+                    "issuer": ISSUER,
+                    "audiences": [AUDIENCE],
+                    "key_file": str(keyset),
+                    "roles_claim": "roles",
+                }
+            ]
+        },
+        "policy": {
+            "model": str(policy_dir / "model.conf"),
+            "policies": [str(policy_dir / "policy.csv")],
+            "routes": str(policy_dir / "routes.yaml"),
+            "poll_interval": 0.1,
+            "audit_log": str(audit),
+        },
+        "capture": {"spool_dir": str(spool), "service": "http://sales.test"},
+    }
+    with run_proxy(directory, echo_upstream, extra=extra) as proxy:
+        yield GatedProxy(proxy, Issuer(key), policy_dir, audit, spool)
+
+
+def test_no_credentials_is_401_with_challenge(gated: GatedProxy) -> None:
+    reply = gated.call("GET", "/sales/orders.json", None)
+    assert reply.status == 401
+    assert (reply.header("WWW-Authenticate") or "").startswith("Bearer ")
+
+
+def test_public_route_needs_no_credentials(gated: GatedProxy) -> None:
+    assert gated.call("GET", "/-/versions.json", None).status == 200
+
+
+def test_role_from_token_allows_read_and_identity_reaches_upstream(gated: GatedProxy) -> None:
+    token = gated.issuer.token("alice", ["analyst"])
+    reply = gated.call("GET", "/sales/orders.json", token)
+    assert reply.status == 200, reply.body
+    headers = {k.lower(): v for k, v in reply.json()["headers"]}
+    assert headers["x-auth-request-user"] == "alice"
+    assert headers["x-auth-request-roles"] == "analyst"
+    assert headers["x-auth-request-issuer"] == ISSUER
+
+
+def test_role_from_policy_file_allows_read(gated: GatedProxy) -> None:
+    assert gated.call("GET", "/sales/orders.json", gated.issuer.token("dave", [])).status == 200
+
+
+def test_write_needs_a_write_role(gated: GatedProxy) -> None:
+    assert (
+        gated.call(
+            "POST", "/sales/orders/-/insert", gated.issuer.token("alice", ["analyst"])
+        ).status
+        == 403
+    )
+    assert (
+        gated.call("POST", "/sales/orders/-/insert", gated.issuer.token("bob", ["engineer"])).status
+        == 200
+    )
+
+
+def test_deny_rule_wins_and_names_its_reason(gated: GatedProxy) -> None:
+    reply = gated.call("GET", "/sales/secret.json", gated.issuer.token("bob", ["engineer"]))
+    assert reply.status == 403
+    assert reply.json()["message"] == "matched deny rule"
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/sales/%73ecret.json",  # decoded once: still the secret table, still denied
+        "/sales/./secret.json",
+        "//sales/secret.json",
+        "/sales/orders/../secret.json",
+        "/sales%2Fsecret.json",
+        "/sales/secret.json%00",
+        "/sales/secret.json;x",
+        "/sales\\secret.json",
+        "/SALES/secret.json",  # a different dataset name: no rule grants it
+    ],
+)
+def test_path_tricks_never_reach_the_protected_dataset(gated: GatedProxy, target: str) -> None:
+    reply = gated.call("GET", target, gated.issuer.token("bob", ["engineer"]))
+    assert reply.status in (400, 403), (target, reply.status, reply.body)
+
+
+def test_unmatched_route_is_denied(gated: GatedProxy) -> None:
+    reply = gated.call("DELETE", "/sales/orders.json", gated.issuer.token("bob", ["engineer"]))
+    assert reply.status == 403
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        "X-Auth-Request-User: mallory\r\n",
+        "x_auth_request_user: mallory\r\n",
+        "X_AUTH_REQUEST_USER: mallory\r\n",
+        "X-User: mallory\r\n",
+        "X-Remote-User: mallory\r\n",
+        "Connection: X-Auth-Request-User\r\n",
+    ],
+)
+def test_client_identity_headers_never_reach_upstream(gated: GatedProxy, forged: str) -> None:
+    token = gated.issuer.token("alice", ["analyst"])
+    reply = gated.call("GET", "/sales/orders.json", token, extra=forged)
+    assert reply.status == 200
+    values = [v for _, v in reply.json()["headers"]]
+    assert "mallory" not in values
+    users = [
+        v
+        for k, v in reply.json()["headers"]
+        if k.lower().replace("_", "-") == "x-auth-request-user"
+    ]
+    assert users == ["alice"]
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"exp": int(time.time()) - 3600},
+        {"aud": "another-api"},
+        {"iss": "https://evil.example"},
+    ],
+)
+def test_bad_tokens_are_401(gated: GatedProxy, claims: dict[str, Any]) -> None:
+    reply = gated.call(
+        "GET", "/sales/orders.json", gated.issuer.token("alice", ["analyst"], **claims)
+    )
+    assert reply.status == 401
+
+
+def test_subject_comes_only_from_the_verified_token(gated: GatedProxy) -> None:
+    # A role named in a header or the query never counts: only the token's claims do.
+    token = gated.issuer.token("erin", [])
+    reply = gated.call(
+        "GET", "/sales/orders.json?role=engineer&sub=bob", token, extra="X-Roles: engineer\r\n"
+    )
+    assert reply.status == 403
+
+
+def test_every_decision_is_audited_in_an_intact_chain(gated: GatedProxy) -> None:
+    gated.call("GET", "/sales/orders.json", gated.issuer.token("alice", ["analyst"]))
+    gated.call("GET", "/sales/secret.json", gated.issuer.token("alice", ["analyst"]))
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        lines = gated.audit.read_text().splitlines() if gated.audit.exists() else []
+        decisions = [json.loads(line)["entry"] for line in lines]
+        alice_denied = [
+            d
+            for d in decisions
+            if d["resource"] == "dataset:sales.secret" and d["principal"] == "alice"
+        ]
+        if alice_denied:
+            break
+        time.sleep(0.1)
+    assert any(d["decision"] == "allow" and d["principal"] == "alice" for d in decisions)
+    denied = [
+        d
+        for d in decisions
+        if d["resource"] == "dataset:sales.secret" and d["principal"] == "alice"
+    ]
+    assert denied[-1]["decision"] == "deny"
+    assert denied[-1]["rule"].startswith("analyst, dataset:sales.secret, read, deny")
+    assert verify([gated.audit]).ok
+
+
+def test_capture_records_reach_the_spool_including_denials(gated: GatedProxy) -> None:
+    token = gated.issuer.token("alice", ["analyst"])
+    marker = f"/sales.json?sql=select+*+from+orders+where+id%3D{int(time.time() * 1000)}"
+    assert gated.call("GET", marker, token).status == 200
+    gated.call("GET", "/sales/secret.json", token)
+    reader = SpoolReader(gated.spool / "w0")
+    records = []
+    deadline = time.monotonic() + 5
+    try:
+        while time.monotonic() < deadline:
+            records += [record for _, record in reader.read_batch(10_000)]
+            if any(r.sql and r.query.endswith(marker.rsplit("%3D", 1)[1]) for r in records):
+                break
+            time.sleep(0.1)
+    finally:
+        reader.close()
+    sql = [r for r in records if r.sql and r.route == "sql"]
+    assert (sql[-1].sql or "").startswith("select * from orders where id=")
+    assert sql[-1].principal == "alice"
+    assert sql[-1].resource == "dataset:sales"
+    assert sql[-1].decision == "allow"
+    assert sql[-1].service == "http://sales.test"
+    denied = [r for r in records if r.resource == "dataset:sales.secret"]
+    assert denied[-1].decision == "deny"
+    assert denied[-1].status == 403
+
+
+def test_policy_edit_takes_effect_without_failed_requests(gated: GatedProxy) -> None:
+    token = gated.issuer.token("frank", ["auditor"])
+    assert gated.call("GET", "/sales/orders.json", token).status == 403
+    other = gated.issuer.token("alice", ["analyst"])
+    failures: list[int] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            status = get(
+                gated.proxy.port, "/sales/orders.json", headers=f"Authorization: Bearer {other}\r\n"
+            ).status
+            if status != 200:
+                failures.append(status)
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        policy = gated.policy_dir / "policy.csv"
+        original = policy.read_text()
+        # A broken edit first: the last good policy must stay in force.
+        policy.write_text(original + "p, auditor, dataset:sales.*\n")
+        time.sleep(0.6)
+        ready = get(gated.proxy.admin_port, "/readyz")
+        assert ready.status == 503
+        assert "policy.csv" in ready.body.decode()
+        assert gated.call("GET", "/sales/orders.json", token).status == 403
+        policy.write_text(original + "p, auditor, dataset:sales.*, read, allow\n")
+        deadline = time.monotonic() + 5
+        status = 0
+        while time.monotonic() < deadline and status != 200:
+            status = gated.call("GET", "/sales/orders.json", token).status
+            time.sleep(0.05)
+        assert status == 200
+        assert get(gated.proxy.admin_port, "/readyz").status == 200
+    finally:
+        stop.set()
+        worker.join(10)
+        (gated.policy_dir / "policy.csv").write_text(POLICY)
+    assert failures == []
