@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import sqlite3
@@ -23,10 +24,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import uvloop
+import yaml
 
 from lineage_sidecar.config import Config, from_mapping, parse_listen
 from proxy.supervisor import Proxy, configure_logging
@@ -35,6 +39,10 @@ SAMPLE_ROWS: dict[str, tuple[str, list[tuple[object, ...]]]] = {
     "customers": (
         "CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT NOT NULL, region TEXT)",
         [(1, "Acme Corp", "EMEA"), (2, "Globex", "AMER"), (3, "Initech", "APAC")],
+    ),
+    "secret": (
+        "CREATE TABLE secret (id INTEGER PRIMARY KEY, customer_id INTEGER, credit_limit REAL)",
+        [(1, 1, 50000.0), (2, 2, 12000.0), (3, 3, 250000.0)],
     ),
     "orders": (
         "CREATE TABLE orders (id INTEGER PRIMARY KEY, customer_id INTEGER REFERENCES "
@@ -109,9 +117,39 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
+POLICY_DIR = Path(__file__).resolve().parents[1] / "policies"
+DEMO_USERS = (("alice", ("analyst",)), ("bob", ("engineer",)), ("carol", ("admin",)))
+
+
+@dataclass(frozen=True)
+class DemoUser:
+    name: str
+    password: str
+    roles: tuple[str, ...]
+
+
+def make_users(path: Path) -> list[DemoUser]:
+    """Demo accounts with fresh random passwords (bcrypt cost 10: quick to try by hand)."""
+    users = [DemoUser(name, secrets.token_urlsafe(12), roles) for name, roles in DEMO_USERS]
+    document = {
+        "users": [
+            {
+                "name": user.name,
+                "password_hash": bcrypt.hashpw(user.password.encode(), bcrypt.gensalt(10)).decode(),
+                "roles": list(user.roles),
+            }
+            for user in users
+        ]
+    }
+    path.write_text(yaml.safe_dump(document))
+    path.chmod(0o600)
+    return users
+
+
 def demo_config(
     listen: str, admin: str, upstream: str, state_dir: Path, overrides: dict[str, Any]
 ) -> Config:
+    host, port = parse_listen(listen)
     raw: dict[str, Any] = {
         "proxy": {
             "listen": listen,
@@ -120,6 +158,21 @@ def demo_config(
         },
         "admin": {"listen": admin},
         "log": {"access_log": str(state_dir / "access.log")},
+        "auth": {
+            "idp": {
+                "issuer": f"https://{host}:{port}/_sidecar",
+                "audience": "lineage-sidecar-demo",
+                "users_file": str(state_dir / "users.yaml"),
+                "key_file": str(state_dir / "idp-signing-keys.pem"),
+            }
+        },
+        "policy": {
+            "model": str(POLICY_DIR / "model.conf"),
+            "policies": [str(POLICY_DIR / "policy.csv")],
+            "routes": str(POLICY_DIR / "routes.yaml"),
+            "audit_log": str(state_dir / "audit.jsonl"),
+        },
+        "capture": {"spool_dir": str(state_dir / "spool"), "service": upstream},
     }
     for section, values in overrides.items():
         if isinstance(values, dict) and isinstance(raw.get(section), dict):
@@ -129,7 +182,7 @@ def demo_config(
     return from_mapping(raw, source="demo", environ=os.environ)
 
 
-def endpoints(config: Config, proxy: Proxy, upstream: str) -> dict[str, Any]:
+def endpoints(config: Config, proxy: Proxy, upstream: str, users: list[DemoUser]) -> dict[str, Any]:
     host, _ = parse_listen(config.proxy.listen)
     admin_host, _ = parse_listen(config.admin.listen)
     scheme = "https" if config.proxy.tls.enabled else "http"
@@ -140,36 +193,53 @@ def endpoints(config: Config, proxy: Proxy, upstream: str) -> dict[str, Any]:
         "api_url": None,
         "upstream_url": upstream,
         "ca_cert": str(ca.resolve()) if ca is not None else None,
-        "policy_dir": None,
-        "users": [],
+        "policy_dir": str(POLICY_DIR),
+        "users": [{"name": u.name, "password": u.password, "roles": list(u.roles)} for u in users],
     }
 
 
 def print_try_lines(facts: dict[str, Any]) -> None:
     proxy = facts["proxy_url"]
     cacert = f"--cacert {facts['ca_cert']} " if facts["ca_cert"] else ""
+    users = {user["name"]: user for user in facts["users"]}
+    alice = users["alice"]
+    login = (
+        f"  TOKEN=$(curl -s {cacert}-X POST {proxy}/_sidecar/auth/login "
+        f"-H 'Content-Type: application/json' "
+        f'-d \'{{"username": "alice", "password": "{alice["password"]}"}}\' '
+        "| python3 -c 'import json,sys; print(json.load(sys.stdin)[\"access_token\"])')"
+    )
+    auth = '-H "Authorization: Bearer $TOKEN" '
     lines = [
         "",
-        "Lineage Sidecar demo is running. Try:",
-        f"  curl {cacert}{proxy}/sales/orders.json",
-        f"  curl {cacert}'{proxy}/sales.json?sql=select+name,+sum(amount)+from+orders+join+"
+        "Lineage Sidecar demo is running.",
+        "Users (name / password / roles):",
+        *(f"  {u['name']:6} {u['password']}  {','.join(u['roles'])}" for u in facts["users"]),
+        "",
+        "Try, as alice (analyst: reads sales datasets, never sales.secret, writes nothing):",
+        login,
+        f"  curl {cacert}{auth}{proxy}/sales/orders.json",
+        f"  curl {cacert}{auth}'{proxy}/sales.json?sql=select+name,+sum(amount)+from+orders+join+"
         "customers+on+customers.id=customer_id+group+by+name'",
+        f"  curl {cacert}{proxy}/sales/orders.json            # 401: no token",
+        f"  curl {cacert}{auth}{proxy}/sales/secret.json      # 403: deny rule",
         f"  curl {facts['admin_url']}/readyz",
         f"  curl {facts['admin_url']}/metrics",
+        "  .venv/bin/lineage-sidecar policy explain --as alice GET /sales/secret.json",
+        f"  .venv/bin/lineage-sidecar audit verify {facts['audit_log']}",
         "",
-        "Not in the demo yet (null in endpoints.json): authentication and demo users,",
-        "policies, the lineage agent and its API.",
         "Press Ctrl-C to stop.",
         "",
     ]
     print("\n".join(lines), flush=True)
 
 
-async def _run(config: Config, state_dir: Path, upstream: str) -> None:
+async def _run(config: Config, state_dir: Path, upstream: str, users: list[DemoUser]) -> None:
     proxy = Proxy(config)
     await proxy.start()
     try:
-        facts = endpoints(config, proxy, upstream)
+        facts = endpoints(config, proxy, upstream, users)
+        facts["audit_log"] = config.policy.audit_log if config.policy is not None else None
         path = state_dir / "endpoints.json"
         path.write_text(json.dumps(facts, indent=2) + "\n")
         print(f"endpoints written to {path}")
@@ -190,17 +260,20 @@ def run_demo(*, listen: str, admin: str, state_dir: str, config_path: str | None
     state.mkdir(parents=True, exist_ok=True)
     overrides: dict[str, Any] = {}
     if config_path is not None:
-        import yaml
-
         overrides = yaml.safe_load(Path(config_path).read_text()) or {}
+    host, listen_port = parse_listen(listen)
+    if listen_port == 0:
+        # The identity provider's issuer URL names the port: fix it before starting.
+        listen = f"{host}:{free_port()}"
     database = state / "sales.db"
     make_sample_database(database)
+    users = make_users(state / "users.yaml")
     port = free_port()
     upstream = f"http://127.0.0.1:{port}"
     config = demo_config(listen, admin, upstream, state, overrides)
     datasette = start_datasette(database, port, state / "datasette.log")
     try:
-        uvloop.run(_run(config, state, upstream))
+        uvloop.run(_run(config, state, upstream, users))
     finally:
         stop_process(datasette)
         (state / "endpoints.json").unlink(missing_ok=True)
