@@ -2,7 +2,8 @@
 
 Per target: the median over rounds of requests/s, p50 and p99, the peak RSS over all
 rounds, and each as a ratio to the target named in `compare_to` (nginx in the same TLS
-mode). A target with any wrk error in any round is marked, never silently averaged in.
+mode) and, for the sidecar's modes, to the pass-through sidecar (`pass_through`). A target
+with any wrk error in any round is marked, never silently averaged in.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ class TargetSummary(msgspec.Struct, frozen=True, kw_only=True):
     errors: int
     medians: Medians | None
     ratios: Ratios | None
+    # A mode's ratios to the pass-through sidecar of the same TLS mode and run.
+    pass_through: str | None = None
+    pass_through_ratios: Ratios | None = None
 
 
 def _share_of_run(seconds: Sequence[float], rounds: Sequence[RoundResult]) -> float:
@@ -109,14 +113,21 @@ def ratios_of(medians: Medians | None, baseline: Medians | None) -> Ratios | Non
 
 
 def with_ratios(summaries: Sequence[TargetSummary]) -> list[TargetSummary]:
-    """Fill in `ratios` of every summary from its `compare_to` target's medians."""
+    """Fill in `ratios` (to `compare_to`) and `pass_through_ratios` (to `pass_through`)."""
     by_name = {s.name: s for s in summaries}
-    result = []
-    for summary in summaries:
-        baseline = by_name.get(summary.compare_to)
-        ratios = ratios_of(summary.medians, baseline.medians if baseline else None)
-        result.append(msgspec.structs.replace(summary, ratios=ratios))
-    return result
+
+    def baseline_medians(name: str | None) -> Medians | None:
+        baseline = by_name.get(name) if name is not None else None
+        return baseline.medians if baseline is not None else None
+
+    return [
+        msgspec.structs.replace(
+            summary,
+            ratios=ratios_of(summary.medians, baseline_medians(summary.compare_to)),
+            pass_through_ratios=ratios_of(summary.medians, baseline_medians(summary.pass_through)),
+        )
+        for summary in summaries
+    ]
 
 
 def _fmt_ratio(ratio: float | None) -> str:
@@ -124,27 +135,37 @@ def _fmt_ratio(ratio: float | None) -> str:
 
 
 def markdown_table(summaries: Sequence[TargetSummary]) -> str:
-    """One row per target; ratios in parentheses are to `compare_to` (nginx, same TLS)."""
+    """One row per target; "vs nginx" ratios are to `compare_to` (nginx, same TLS). When
+    any row is a mode, "vs pass-through" columns give req/s and p99 to `pass_through`."""
+    modes = any(s.pass_through is not None for s in summaries)
+    mode_head = " vs pass-through | p99 vs pass-through |" if modes else ""
     lines = [
-        "| target | TLS | req/s | vs nginx | p50 ms | vs nginx | p99 ms | vs nginx "
+        f"| target | TLS | req/s | vs nginx |{mode_head} p50 ms | vs nginx | p99 ms | vs nginx "
         "| peak RSS MiB | vs nginx | server CPU | upstream CPU | other CPU | wrk CPU | status |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---|---:|---:|"
+        + ("---:|---:|" if modes else "")
+        + "---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for s in summaries:
         tls = "1.3" if s.tls else "-"
         if s.medians is None:
             reason = (s.failure or "no data").strip().splitlines()[0][:120]
-            lines.append(
-                f"| {s.name} | {tls} |  |  |  |  |  |  |  |  |  |  |  |  | FAILED: {reason} |"
-            )
+            empty = "  |" * (14 if modes else 12)
+            lines.append(f"| {s.name} | {tls} |{empty} FAILED: {reason} |")
             continue
-        m, r = s.medians, s.ratios
+        m, r, pt = s.medians, s.ratios, s.pass_through_ratios
         status = "ok" if s.status == "ok" else f"ERRORS: {s.errors}"
         if s.failure:
             status = "FAILED: " + s.failure.strip().splitlines()[0][:120]
+        mode_cells = (
+            f"| {_fmt_ratio(pt.requests_per_s if pt else None)} "
+            f"| {_fmt_ratio(pt.p99_ms if pt else None)} "
+            if modes
+            else ""
+        )
         lines.append(
             f"| {s.name} | {tls} | {m.requests_per_s:,.0f} "
-            f"| {_fmt_ratio(r.requests_per_s if r else None)} "
+            f"| {_fmt_ratio(r.requests_per_s if r else None)} {mode_cells}"
             f"| {m.p50_ms:.3f} | {_fmt_ratio(r.p50_ms if r else None)} "
             f"| {m.p99_ms:.3f} | {_fmt_ratio(r.p99_ms if r else None)} "
             f"| {m.peak_rss_kib / 1024:.1f} | {_fmt_ratio(r.peak_rss_kib if r else None)} "

@@ -3,9 +3,11 @@
 A `Target` is something wrk can be pointed at: it starts, stops, has a URL and a set of
 processes whose memory and CPU are charged to it. Every target fronts (or is) the same
 upstream, answers the same request with the same body, and runs on the same CPU, so
-their figures are comparable. Later modes (authentication, policy, capture) are new
-`SidecarProxy` entries with extra config sections and request headers; nothing else in
-the harness needs to change.
+their figures are comparable. The authentication, policy and capture modes are
+`SidecarProxy` entries with a `Mode` (see `_modes.py`): extra config sections, a bearer
+token, or a wrk script that gives every request its own token; their ratios are also
+taken to the pass-through sidecar of the same run. Named sets (`TARGET_SETS`) select
+targets by purpose.
 """
 
 from __future__ import annotations
@@ -21,6 +23,14 @@ from typing import Any
 
 import yaml
 
+from benchmarks._modes import (
+    Mode,
+    ModeAssets,
+    bearer,
+    mode_config,
+    rotated_tokens_needed,
+    rotation_script,
+)
 from benchmarks._nginx import UPSTREAM_BODY, NginxInstance, render
 from benchmarks._probe import TargetFailed, Verification, check_answer, http_get
 from benchmarks._procs import ManagedProcess, ProcessFailed, free_port, pinned, wait_until
@@ -55,6 +65,10 @@ class BenchContext:
     placement: Placement
     upstream_port: int
     upstream_pids: Callable[[], list[int]]
+    # Seconds of wrk load each target will get (all rounds and warm-ups) and wrk's
+    # connections: how many distinct tokens a token-per-request mode must have ready.
+    load_s: float = 0.0
+    connections: int = 32
 
     @property
     def upstream_url(self) -> str:
@@ -69,7 +83,11 @@ class Target(abc.ABC):
     tls: bool
     # Ratios in the report are relative to this target (nginx in the same TLS mode).
     compare_to: str
+    # A mode's second baseline: the pass-through sidecar, to show what the mode costs.
+    pass_through: str | None = None
     headers: tuple[str, ...] = ()
+    # A wrk Lua script (`--script`) that builds the requests, when headers are not enough.
+    wrk_script: Path | None = None
 
     @abc.abstractmethod
     def start(self, ctx: BenchContext) -> None:
@@ -203,11 +221,35 @@ class SidecarProxy(Target):
     extra_config: Mapping[str, Any] = field(default_factory=dict)
     headers: tuple[str, ...] = ()
     compare_to: str = ""
+    # Authentication, policy and capture; set up in `start`, laid over `extra_config`.
+    mode: Mode = field(default_factory=Mode)
+    pass_through: str | None = None
+    wrk_script: Path | None = None
     _process: ManagedProcess | None = None
     _port: int = 0
 
     def __post_init__(self) -> None:
         self.compare_to = self.compare_to or ("nginx-tls" if self.tls else "nginx")
+        if self.mode != Mode() and self.pass_through is None:
+            self.pass_through = "sidecar-tls" if self.tls else "sidecar"
+
+    def prepare_mode(self, ctx: BenchContext, home: Path) -> None:
+        """Write the mode's files and pick the token(s) its requests carry."""
+        if self.mode == Mode():
+            return
+        assets = ModeAssets.at(ctx.workdir / "modes")
+        self.extra_config = merged(self.extra_config, mode_config(self.mode, assets, home))
+        # Idempotent: a target started again replaces its token instead of adding one.
+        others = tuple(h for h in self.headers if not h.lower().startswith("authorization:"))
+        if self.mode.auth == "cached":
+            self.headers = (*others, bearer(assets.bench_token()))
+        elif self.mode.auth == "rotating":
+            tokens, last = assets.token_file(rotated_tokens_needed(ctx.load_s, ctx.connections))
+            script = home / "rotate-tokens.lua"
+            script.write_text(rotation_script(tokens, home / "token-cursor"))
+            self.wrk_script = script
+            # The check sends one of the rotated tokens (the last; wrk starts at the first).
+            self.headers = (*others, bearer(last))
 
     def config(self, ctx: BenchContext, port: int, admin_port: int) -> dict[str, Any]:
         tls: dict[str, Any] = {"enabled": self.tls}
@@ -231,6 +273,7 @@ class SidecarProxy(Target):
         self._port, admin_port = free_port(), free_port()
         home = ctx.workdir / f"proxy-{self.name}"
         home.mkdir(parents=True, exist_ok=True)
+        self.prepare_mode(ctx, home)
         config_file = home / "config.yaml"
         config_file.write_text(
             yaml.safe_dump(self.config(ctx, self._port, admin_port), sort_keys=False)
@@ -319,6 +362,52 @@ def verify(target: Target, pki: TestPki) -> Verification:
     )
 
 
+# The modes, each with what it switches on and the issue's goal for it (req/s relative to
+# the pass-through sidecar of the same run).
+_MODES: tuple[tuple[str, Mode, str], ...] = (
+    ("capture", Mode(capture=True), "capture tap on; goal: < 5% below pass-through"),
+    (
+        "jwt",
+        Mode(auth="cached"),
+        "JWT (ES256), one token reused: verified-token cache hit; goal: < 5% below pass-through",
+    ),
+    (
+        "jwt-new",
+        Mode(auth="rotating"),
+        "JWT (ES256), a distinct token on every request (wrk Lua rotation, more tokens than "
+        "the 10,000-entry token cache): every request is a cache miss and a signature check",
+    ),
+    (
+        "jwt-policy",
+        Mode(auth="cached", policy=True),
+        "JWT (cache hit) + Casbin policy of 10,000 rules over 1,000 roles + audit log; "
+        "goal: < 10% below pass-through",
+    ),
+    (
+        "full",
+        Mode(auth="cached", policy=True, capture=True),
+        "JWT (cache hit) + policy (10,000 rules) + audit log + capture tap",
+    ),
+)
+
+
+def mode_targets() -> list[Target]:
+    """The pass-through sidecar with parts of the gate on, plain and TLS."""
+    targets: list[Target] = []
+    for tls in (False, True):
+        suffix, transport = ("-tls", "TLS 1.3") if tls else ("", "plain HTTP")
+        for short, mode, what in _MODES:
+            targets.append(
+                SidecarProxy(
+                    name=f"sidecar-{short}{suffix}",
+                    tls=tls,
+                    mode=mode,
+                    description=f"lineage-sidecar proxy, 1 worker, {transport}: {what}",
+                )
+            )
+    return targets
+
+
 def default_targets() -> list[Target]:
     """All known targets, in the order rounds visit them; `DEFAULT` names the usual set."""
     return [
@@ -359,7 +448,36 @@ def default_targets() -> list[Target]:
             command=standin_command,
             description="naive aiohttp proxy stand-in (benchmarks/_naive_proxy.py), TLS 1.3",
         ),
+        *mode_targets(),
     ]
 
 
 DEFAULT = ("upstream", "nginx", "nginx-tls", "sidecar", "sidecar-tls")
+_MODE_NAMES = tuple(f"sidecar-{short}" for short, _, _ in _MODES)
+# Named sets for `--targets`; each mode set carries its baselines (nginx, pass-through).
+TARGET_SETS: dict[str, tuple[str, ...]] = {
+    "default": DEFAULT,
+    "modes": ("upstream", "nginx", "sidecar", *_MODE_NAMES),
+    "modes-tls": ("nginx-tls", "sidecar-tls", *(f"{n}-tls" for n in _MODE_NAMES)),
+}
+
+
+def select_targets(spec: str, known: Sequence[str]) -> tuple[str, ...]:
+    """Target names from `--targets`: names and set names (`all`, `default`, `modes`,
+    `modes-tls`), comma-separated, in order, each once. ValueError names unknown ones."""
+    sets = {**TARGET_SETS, "all": tuple(known)}
+    names: list[str] = []
+    unknown: list[str] = []
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        for name in sets.get(item, (item,)):
+            if name not in known:
+                unknown.append(name)
+            elif name not in names:
+                names.append(name)
+    if unknown:
+        raise ValueError(f"unknown target(s) {', '.join(unknown)}")
+    if not names:
+        raise ValueError("no targets named")
+    return tuple(names)

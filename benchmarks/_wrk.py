@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import subprocess
 from collections.abc import Sequence
+from pathlib import Path
 
 import msgspec
 
@@ -31,6 +32,8 @@ _RE_SOCKET_ERRORS = re.compile(
     r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)"
 )
 _RE_NON_2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
+# Printed by the token-rotation script of `_modes.py` at the end of its run.
+_RE_ROTATED_TOKENS = re.compile(r"^Rotated tokens: (.*)$", re.M)
 _RE_RPS = re.compile(r"^Requests/sec:\s+([0-9.]+)([kMG]?)\s*$", re.M)
 
 
@@ -50,6 +53,8 @@ class WrkReport(msgspec.Struct, frozen=True, kw_only=True):
     percentiles_ms: dict[str, float]  # "50", "75", "90", "99" -> latency
     socket_errors: dict[str, int]  # connect, read, write, timeout
     non_2xx_3xx: int
+    # What a token-rotation script reports: how many distinct tokens the run sent.
+    rotated_tokens: str | None = None
 
     @property
     def errors(self) -> int:
@@ -95,6 +100,7 @@ def parse_wrk_report(text: str) -> WrkReport:
     if (found := _RE_SOCKET_ERRORS.search(text)) is not None:
         socket_errors = dict(zip(socket_errors, map(int, found.groups()), strict=True))
     non_2xx = _RE_NON_2XX.search(text)
+    rotated = _RE_ROTATED_TOKENS.search(text)
     return WrkReport(
         requests=int(totals.group(1)),
         duration_s=_seconds(totals.group(2), totals.group(3)),
@@ -105,6 +111,7 @@ def parse_wrk_report(text: str) -> WrkReport:
         percentiles_ms=percentiles,
         socket_errors=socket_errors,
         non_2xx_3xx=int(non_2xx.group(1)) if non_2xx else 0,
+        rotated_tokens=rotated.group(1).strip() if rotated else None,
     )
 
 
@@ -116,8 +123,13 @@ def wrk_argv(
     headers: Sequence[str] = (),
     timeout_s: float = 2.0,
     cpu: int | None = None,
+    script: Path | None = None,
 ) -> list[str]:
-    """The wrk command line: 1 thread, `--latency`, pinned to `cpu` when given."""
+    """The wrk command line: 1 thread, `--latency`, pinned to `cpu` when given.
+
+    `script` is a Lua script that builds the requests (its `request()` decides the
+    headers actually sent; `headers` are still visible to it as `wrk.headers`).
+    """
     argv = [
         "wrk",
         "--threads",
@@ -132,6 +144,8 @@ def wrk_argv(
     ]
     for header in headers:
         argv += ["--header", header]
+    if script is not None:
+        argv += ["--script", str(script)]
     return pinned([*argv, url], cpu)
 
 

@@ -5,7 +5,8 @@ front of it, checks that each answers 200 with the upstream's exact body, then m
 them with wrk in interleaved rounds (a, b, c, a, b, c, ...) so slow drifts of a shared
 machine hit all targets alike. wrk runs on one CPU, all servers on the other. The
 result is a JSON file with every raw figure and a markdown table of medians and ratios
-to nginx, in benchmarks/results/. All servers are stopped at the end, also on Ctrl-C.
+to nginx (and, for the sidecar's authentication, policy and capture modes, to the
+pass-through sidecar), in benchmarks/results/. All servers are stopped at the end, also on Ctrl-C.
 
 Usage: scripts/bench [--quick] [--targets upstream,nginx,...] [--rounds N] ...
 """
@@ -40,10 +41,12 @@ from benchmarks._report import (
 )
 from benchmarks._targets import (
     DEFAULT,
+    TARGET_SETS,
     BenchContext,
     Placement,
     Target,
     default_targets,
+    select_targets,
     verify,
 )
 from benchmarks._tls import make_test_pki
@@ -82,8 +85,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Parameters, argparse.Namespa
     parser.add_argument(
         "--targets",
         default=",".join(DEFAULT),
-        help=f"comma-separated subset or 'all'; known: {', '.join(known)} "
-        f"(default: {','.join(DEFAULT)})",
+        help=f"comma-separated names or sets ({', '.join([*TARGET_SETS, 'all'])}); "
+        f"known: {', '.join(known)} (default: {','.join(DEFAULT)})",
     )
     parser.add_argument(
         "--quick", action="store_true", help="smoke test: 2 s runs, 1 s warm-up, 1 round"
@@ -97,10 +100,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Parameters, argparse.Namespa
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.warmup, args.rounds = 2.0, 1.0, 1
-    names = known if args.targets == "all" else [n.strip() for n in args.targets.split(",")]
-    unknown = [n for n in names if n not in known]
-    if unknown or not names:
-        parser.error(f"unknown target(s) {unknown}; known: {', '.join(known)}")
+    try:
+        names = select_targets(args.targets, known)
+    except ValueError as exc:
+        parser.error(f"{exc}; known: {', '.join(known)}; sets: {', '.join(TARGET_SETS)}, all")
     if args.duration <= 0 or args.warmup < 0 or args.rounds < 1 or args.connections < 1:
         parser.error("--duration and --connections must be > 0, --rounds >= 1, --warmup >= 0")
     return (
@@ -110,7 +113,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Parameters, argparse.Namespa
             connections=args.connections,
             rounds=args.rounds,
             wrk_timeout_s=args.timeout,
-            targets=tuple(names),
+            targets=names,
         ),
         args,
     )
@@ -149,7 +152,8 @@ def measure_round(
     if params.warmup_s > 0:
         run_wrk(
             wrk_argv(url, connections=params.connections, duration_s=params.warmup_s,
-                     headers=target.headers, timeout_s=params.wrk_timeout_s, cpu=cpu),
+                     headers=target.headers, timeout_s=params.wrk_timeout_s, cpu=cpu,
+                     script=target.wrk_script),
             duration_s=params.warmup_s,
         )  # fmt: skip
     server_pids, upstream_pids = target.pids(), ctx.upstream_pids()
@@ -161,7 +165,8 @@ def measure_round(
     started_at = _utc_now().isoformat(timespec="seconds")
     output = run_wrk(
         wrk_argv(url, connections=params.connections, duration_s=params.duration_s,
-                 headers=target.headers, timeout_s=params.wrk_timeout_s, cpu=cpu),
+                 headers=target.headers, timeout_s=params.wrk_timeout_s, cpu=cpu,
+                 script=target.wrk_script),
         duration_s=params.duration_s,
     )  # fmt: skip
     server_core1 = core_times(ctx.placement.server_cpu)
@@ -238,6 +243,8 @@ def run_benchmark(params: Parameters, placement: Placement, workdir: Path) -> li
             placement=placement,
             upstream_port=upstream_port,
             upstream_pids=upstream.pids,
+            load_s=params.rounds * (params.warmup_s + params.duration_s),
+            connections=params.connections,
         )
         verifications, failures = start_targets(targets, ctx, started)
         urls = {t.name: t.url() for t in targets if t.name in verifications}
@@ -260,6 +267,8 @@ def run_benchmark(params: Parameters, placement: Placement, workdir: Path) -> li
                     f"{wrk.requests_per_s:>10,.0f} req/s  p50 {wrk.p50_ms:.3f} ms  "
                     f"p99 {wrk.p99_ms:.3f} ms  errors {wrk.errors}  load {result.loadavg_after}"
                 )
+                if wrk.rotated_tokens is not None:
+                    _say(f"round {round_no}/{params.rounds} {target.name}: {wrk.rotated_tokens}")
                 if not target.running():
                     failures[target.name] = target.failure_report(f"exited during round {round_no}")
                     _say(failures[target.name])
@@ -295,6 +304,7 @@ def summarise(
                 description=target.description,
                 tls=target.tls,
                 compare_to=target.compare_to,
+                pass_through=target.pass_through,
                 url=urls.get(target.name),
                 status="failed" if failure else ("errors" if errors else "ok"),
                 failure=failure,
@@ -335,8 +345,10 @@ def render_markdown(
         markdown_table(summaries),
         "",
         "vs nginx: ratio to the nginx row of the same TLS mode (req/s: higher is better; "
-        "latency and RSS: lower is better). server CPU: CPU time of the system under test "
-        "per second of the run (100% = one full core); upstream CPU: the same for the upstream, "
+        "latency and RSS: lower is better). vs pass-through (modes only): the same to the "
+        "pass-through sidecar of the same TLS mode, i.e. what the mode itself costs. "
+        "server CPU: CPU time of the system under test per second of the run "
+        "(100% = one full core); upstream CPU: the same for the upstream, "
         "which shares that core; other CPU: time other processes (or the hypervisor) "
         "took of the server core: noise, compare rows only when it is low; "
         "wrk CPU: CPU share of wrk itself (near 100%: wrk, not the target, is the limit).",
