@@ -13,16 +13,18 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from urllib.parse import parse_qs
 
 from aiohttp import web
 
+from agent.derive.sql import SqlUnparsed, tables_and_columns
 from lineage_sidecar.config import IdentityHeadersConfig
 from proxy.audit import AuditEntry, AuditLog
 from proxy.authn.chain import AuthChain
 from proxy.authn.principal import AuthError, Principal
-from proxy.authz.engine import Decision
+from proxy.authz.engine import Decision, PolicyEngine
 from proxy.authz.paths import PathRejected
-from proxy.authz.routes import RouteMatch
+from proxy.authz.routes import ResourceTemplate, RouteMatch, SqlSource
 from proxy.authz.store import PolicyStore, decide_principal
 from proxy.internal import InternalBackend
 
@@ -80,6 +82,55 @@ def normalized_header_name(name: str | bytes) -> bytes:
     """How an upstream may read a header name: case folded, '_' taken for '-'."""
     raw = name.encode("latin-1") if isinstance(name, str) else name
     return raw.lower().replace(b"_", b"-")
+
+
+def sql_from_query(query: str | None, param: str) -> str | None:
+    """The SQL text in a query parameter (the first one of that name), if any."""
+    if not query:
+        return None
+    values = parse_qs(query, keep_blank_values=False).get(param)
+    return values[0] if values else None
+
+
+def sql_decision(
+    engine: PolicyEngine,
+    principal: Principal,
+    match: RouteMatch,
+    source: SqlSource,
+    tables: ResourceTemplate,
+    sql: str,
+) -> Decision:
+    """Every table the SQL reads needs `read`, every table it writes `write`.
+
+    Fails closed: SQL that cannot be read, a statement whose effect cannot be told, or a
+    table qualified with another database or schema is denied.
+    """
+    lineage = tables_and_columns(sql, source.dialect)
+    if isinstance(lineage, SqlUnparsed):
+        return Decision(
+            False, f"SQL could not be read, so it cannot be authorized: {lineage.reason}"
+        )
+    if lineage.skipped:
+        return Decision(
+            False, f"SQL has a statement that cannot be authorized: {lineage.skipped[0]}"
+        )
+    checks = [(t, "read") for t in lineage.inputs] + [(t, "write") for t in lineage.outputs]
+    for table, action in checks:
+        qualifier = table.parts[:-1]
+        if qualifier and qualifier != ("main",):
+            return Decision(
+                False, f"SQL names {table.qualified}: tables of another database are not allowed"
+            )
+        resource = tables.render({**match.params, "table": table.parts[-1]})
+        decision = decide_principal(engine, principal.id, principal.roles, resource, action)
+        if not decision.allowed:
+            return Decision(
+                False,
+                f"SQL {action}s {resource}: {decision.reason}",
+                rule=decision.rule,
+                source=decision.source,
+            )
+    return Decision(True, f"SQL tables allowed ({len(checks)} checked)")
 
 
 def _rule_text(decision: Decision | None) -> str | None:
@@ -180,6 +231,13 @@ class Gate:
             admission.decision = decide_principal(
                 snapshot.engine, principal.id, principal.roles, match.resource, match.action
             )
+            source = match.route.sql
+            if admission.decision.allowed and source is not None and source.tables is not None:
+                sql = sql_from_query(match.path.query, source.param)
+                if sql is not None:
+                    admission.decision = sql_decision(
+                        snapshot.engine, principal, match, source, source.tables, sql
+                    )
         admission.outcome = "allow" if admission.decision.allowed else "deny"
         self._audit_or_refuse(request, request_id, admission)
         if not admission.decision.allowed:

@@ -13,13 +13,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from urllib.parse import parse_qs
 
 from aiohttp import web
 
 from agent.capture import CaptureRecord, Decision
 from agent.spool import SpoolWriter
-from proxy.gate import Admission
+from proxy.gate import Admission, sql_from_query
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +28,6 @@ _OUTCOMES: dict[str, Decision] = {
     "unauthenticated": "unauthenticated",
     "rejected": "error",
 }
-
-
-def sql_from_query(query: str | None, param: str) -> str | None:
-    if not query:
-        return None
-    values = parse_qs(query, keep_blank_values=False).get(param)
-    return values[0] if values else None
 
 
 def sql_from_body(excerpt: bytes, content_type: str, param: str) -> str | None:

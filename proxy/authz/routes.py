@@ -114,11 +114,17 @@ class SourceLocation:
 
 @dataclass(frozen=True, slots=True)
 class SqlSource:
-    """Where a route's request carries SQL (for lineage derivation later in the pipeline)."""
+    """Where a route's request carries SQL (for lineage derivation later in the pipeline).
+
+    With `tables`, the SQL is also authorized table by table before forwarding: each table
+    it reads needs `read`, each it writes `write`, on the resource `tables` renders (the
+    route's placeholders plus `{table}`). Only SQL in the query can be checked that way.
+    """
 
     location: Literal["query", "body"]
     param: str
     dialect: str = "sqlite"
+    tables: ResourceTemplate | None = None
 
 
 # -- path templates -------------------------------------------------------------------------
@@ -802,7 +808,7 @@ _ROUTE_KEYS: Final = frozenset(
         "raw_path_policy",
     }
 )
-_SQL_KEYS: Final = frozenset({"from", "param", "dialect"})
+_SQL_KEYS: Final = frozenset({"from", "param", "dialect", "tables"})
 _STR_TAG: Final = "tag:yaml.org,2002:str"
 _MAP_TAG: Final = "tag:yaml.org,2002:map"
 _SEQ_TAG: Final = "tag:yaml.org,2002:seq"
@@ -1004,7 +1010,7 @@ class _RouteFileReader:
             resource=resource,
             raw_path_policy=raw_path_policy,
             public=flags.get("public", False),
-            sql=self.sql(fields["sql"]) if "sql" in fields else None,
+            sql=self.sql(fields["sql"], template.names) if "sql" in fields else None,
             allow_encoded_slash=flags.get("allow_encoded_slash", False),
             allow_path_params=flags.get("allow_path_params", False),
         )
@@ -1029,7 +1035,7 @@ class _RouteFileReader:
             methods.add(method.upper())
         return frozenset(methods)
 
-    def sql(self, node: yaml.Node) -> SqlSource:
+    def sql(self, node: yaml.Node, names: tuple[str, ...]) -> SqlSource:
         fields = self.mapping(node, "sql", _SQL_KEYS)
         for required in ("from", "param"):
             if required not in fields:
@@ -1042,8 +1048,25 @@ class _RouteFileReader:
             dialect = self.string(fields["dialect"], "sql.dialect")
             if not _DIALECT.fullmatch(dialect):
                 raise self.error(fields["dialect"], f"{dialect!r} is not a SQL dialect name")
+        tables = None
+        if "tables" in fields:
+            if location != "query":
+                raise self.error(
+                    fields["tables"], "sql.tables needs sql.from: query (a body is read later)"
+                )
+            if "table" in names:
+                raise self.error(fields["tables"], "sql.tables: the path already has {table}")
+            try:
+                tables = ResourceTemplate.parse(
+                    self.string(fields["tables"], "sql.tables"), (*names, "table")
+                )
+            except ValueError as exc:
+                raise self.error(fields["tables"], f"sql.tables: {exc}") from None
+            if "{table}" not in tables.text:
+                raise self.error(fields["tables"], "sql.tables must use {table}")
         return SqlSource(
             location=cast(Literal["query", "body"], location),
             param=self.string(fields["param"], "sql.param"),
             dialect=dialect,
+            tables=tables,
         )

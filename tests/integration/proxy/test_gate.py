@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from authlib.jose import JsonWebKey
@@ -63,7 +64,7 @@ routes:
     path: /{db}.json
     resource: dataset:{db}
     action: read
-    sql: {from: query, param: sql, dialect: sqlite}
+    sql: {from: query, param: sql, dialect: sqlite, tables: "dataset:{db}.{table}"}
   - name: insert
     methods: [POST]
     path: /{db}/{table}/-/insert
@@ -358,3 +359,24 @@ def test_policy_edit_takes_effect_without_failed_requests(gated: GatedProxy) -> 
         worker.join(10)
         (gated.policy_dir / "policy.csv").write_text(POLICY)
     assert failures == []
+
+
+@pytest.mark.parametrize(
+    ("sql", "status"),
+    [
+        ("select * from orders", 200),
+        ("select o.id from orders o join customers c on c.id = o.customer_id", 200),
+        ("select * from secret", 403),
+        ("select * from orders where id in (select customer_id from secret)", 403),
+        ("with s as (select * from secret) select * from s", 403),
+        ("select * from main.secret", 403),
+        ("select * from other.orders", 403),
+        ("select * from orders; select * from secret", 403),
+        ("select * from (((", 403),
+        ("insert into orders select * from customers", 403),
+    ],
+)
+def test_sql_is_authorized_table_by_table(gated: GatedProxy, sql: str, status: int) -> None:
+    token = gated.issuer.token("alice", ["analyst"])
+    reply = gated.call("GET", f"/sales.json?sql={quote(sql)}", token)
+    assert reply.status == status, (sql, reply.body)
