@@ -214,6 +214,23 @@ def compile_glob_match(policy_value: str) -> Compiled:
     return Pattern(LazyGlob(glob_pattern(policy_value)))
 
 
+# Compiled globs outlive a policy version: a reload recompiles only the patterns that are
+# new, so editing one line of a 10,000-rule policy does not pay 10,000 compilations again.
+# Bounded; entries are plain functions of the pattern text, so sharing them is safe.
+_GLOB_CACHE: dict[str, Callable[[str], bool]] = {}
+_GLOB_CACHE_MAX: Final = 200_000
+
+
+def _compiled_glob(pattern: str) -> Callable[[str], bool]:
+    match = _GLOB_CACHE.get(pattern)
+    if match is None:
+        match = wcglob.compile(pattern, flags=_GLOB_FLAGS).match
+        if len(_GLOB_CACHE) >= _GLOB_CACHE_MAX:
+            _GLOB_CACHE.clear()
+        _GLOB_CACHE[pattern] = match
+    return match
+
+
 class LazyGlob:
     """wcmatch's `globmatch(key, pattern)`, compiling the pattern on first use (or `warm`)."""
 
@@ -225,7 +242,7 @@ class LazyGlob:
 
     def warm(self) -> None:
         if self._match is None:
-            self._match = wcglob.compile(self._pattern, flags=_GLOB_FLAGS).match
+            self._match = _compiled_glob(self._pattern)
 
     def __call__(self, key: str) -> bool:
         if self._match is None:
