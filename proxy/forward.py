@@ -65,6 +65,17 @@ PROXY_SET = frozenset(
         b"x-real-ip",
         b"forwarded",
         b"x-request-id",
+        # Rewrite and override headers: some frameworks route by these instead of the
+        # request line, which would let a client reach a path or method the policy never
+        # saw. The policy decides on the request line only, so they never pass.
+        b"x-original-url",
+        b"x-original-uri",
+        b"x-rewrite-url",
+        b"x-forwarded-uri",
+        b"x-forwarded-path",
+        b"x-http-method-override",
+        b"x-http-method",
+        b"x-method-override",
     }
 )
 # Response headers whose framing the proxy decides itself.

@@ -93,6 +93,10 @@ class BearerJWT:
         token = token.strip()
         if not token:
             raise AuthError("invalid_token", detail="empty bearer token")
+        if not token.isascii():
+            # aiohttp hands non-UTF-8 header bytes over as surrogate escapes; a token is
+            # base64url text, so anything else is refused before it is hashed or parsed.
+            raise AuthError("invalid_token", detail="bearer token is not ASCII")
         principal = self.cache.get(token, self._scope) if self._use_cache else None
         if principal is None:
             try:

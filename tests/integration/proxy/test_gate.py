@@ -380,3 +380,31 @@ def test_sql_is_authorized_table_by_table(gated: GatedProxy, sql: str, status: i
     token = gated.issuer.token("alice", ["analyst"])
     reply = gated.call("GET", f"/sales.json?sql={quote(sql)}", token)
     assert reply.status == status, (sql, reply.body)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "X-Original-URL: /sales/secret.json",
+        "X-Rewrite-URL: /sales/secret.json",
+        "X-Forwarded-Uri: /sales/secret.json",
+        "X-HTTP-Method-Override: DELETE",
+        "X-Method-Override: DELETE",
+    ],
+)
+def test_rewrite_and_override_headers_never_reach_upstream(gated: GatedProxy, header: str) -> None:
+    token = gated.issuer.token("alice", ["analyst"])
+    reply = gated.call("GET", "/sales/orders.json", token, extra=header + "\r\n")
+    assert reply.status == 200
+    name = header.split(":", 1)[0].lower()
+    assert name not in {k.lower() for k, _ in reply.json()["headers"]}
+    assert reply.json()["target"] == "/sales/orders.json"
+    assert reply.json()["method"] == "GET"
+
+
+def test_non_utf8_credentials_are_refused(gated: GatedProxy) -> None:
+    head = (
+        b"GET /sales/orders.json HTTP/1.1\r\nHost: sales.test\r\n"
+        b"Authorization: Bearer \xff\xfe\x80abc\r\nConnection: close\r\n\r\n"
+    )
+    assert exchange(gated.proxy.port, head).status in (400, 401)
