@@ -26,6 +26,19 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_api(args: argparse.Namespace) -> int:
+    config = load(args.config)
+    if config.api is None:
+        raise ConfigError(f"{args.config}: api: section required for 'lineage-sidecar api'")
+    if args.check:
+        print(f"{args.config}: ok")
+        return 0
+    from proxy.supervisor import run
+
+    run(config)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from lineage_sidecar.demo import run_demo
 
@@ -66,6 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_argument("--config", required=True, help="YAML configuration file")
     proxy.add_argument("--check", action="store_true", help="validate the configuration and exit")
     proxy.set_defaults(func=_cmd_proxy)
+
+    api = commands.add_parser(
+        "api",
+        help="serve the lineage API behind the proxy's authentication and policies",
+        description=(
+            "Run a proxy whose only backend is the lineage API (config: proxy without "
+            "upstream, auth, policy, api.store_dsn)."
+        ),
+    )
+    api.add_argument("--config", required=True, help="YAML configuration file")
+    api.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    api.set_defaults(func=_cmd_api)
 
     demo = commands.add_parser(
         "demo",

@@ -171,9 +171,12 @@ class ProxyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     """The proxy listener and the data service behind it."""
 
     upstream: Annotated[
-        str,
-        _doc("Base URL of the data service, http://host:port (a path prefix is allowed)."),
-    ]
+        str | None,
+        _doc(
+            "Base URL of the data service, http://host:port (a path prefix is allowed). "
+            "Required, except for `lineage-sidecar api`, whose backend is the lineage API."
+        ),
+    ] = None
     listen: Annotated[Listen, _doc("Address the proxy listens on, host:port.")] = "127.0.0.1:8443"
     workers: Annotated[
         int,
@@ -330,6 +333,18 @@ class RedisConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     password: Annotated[Secret | None, _doc("Password (file: or env: reference).")] = None
 
 
+class ApiConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The lineage API as this proxy's backend (`lineage-sidecar api`). Needs auth and
+    policy: the API trusts the identity the proxy verified and asks the same policy."""
+
+    store_dsn: Annotated[
+        Secret, _doc("PostgreSQL DSN of the lineage store (file: or env: reference).")
+    ]
+    max_graph_nodes: Annotated[
+        int, msgspec.Meta(ge=1, le=5000), _doc("Most datasets in one graph answer.")
+    ] = 1000
+
+
 class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The whole configuration file."""
 
@@ -340,6 +355,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     policy: PolicyConfig | None = None
     capture: CaptureConfig | None = None
     redis: RedisConfig | None = None
+    api: ApiConfig | None = None
 
 
 def _resolve_secret(raw: str, field_path: str) -> Secret:
@@ -409,10 +425,18 @@ def _check(config: Config) -> None:
             parse_listen(value)
         except ValueError as exc:
             raise ConfigError(f"{field}: {exc}") from None
-    try:
-        parse_upstream(config.proxy.upstream)
-    except ValueError as exc:
-        raise ConfigError(f"proxy.upstream: {exc}") from None
+    if config.api is not None:
+        if config.proxy.upstream is not None:
+            raise ConfigError("proxy.upstream: the lineage API is this proxy's backend; omit it")
+        if config.policy is None:
+            raise ConfigError("api: needs auth and policy sections")
+    elif config.proxy.upstream is None:
+        raise ConfigError("proxy.upstream: required (the data service behind the proxy)")
+    else:
+        try:
+            parse_upstream(config.proxy.upstream)
+        except ValueError as exc:
+            raise ConfigError(f"proxy.upstream: {exc}") from None
     tls = config.proxy.tls
     if tls.enabled and (tls.cert_file is None) != (tls.key_file is None):
         raise ConfigError("proxy.tls: give both cert_file and key_file, or neither for a dev cert")

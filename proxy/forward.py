@@ -157,7 +157,8 @@ class Forwarder:
         body_excerpt_bytes: int = 0,
         internal: Sequence[InternalBackend] = (),
     ) -> None:
-        upstream = parse_upstream(config.upstream)
+        # Without an upstream URL the backend is given to start() (the lineage API's socket).
+        upstream = parse_upstream(config.upstream or "http://localhost")
         self._config = config
         self._metrics = metrics
         self._access_log = access_log
@@ -177,7 +178,10 @@ class Forwarder:
         self._upstream_addr = (upstream.host, upstream.port)
         self.pool: UpstreamPool | None = None
 
-    def start(self) -> None:
+    def start(self, backend: UpstreamPool | None = None) -> None:
+        if backend is not None:
+            self.pool = backend
+            return
         pool = self._config.pool
         self.pool = UpstreamPool(
             self._upstream_addr[0],

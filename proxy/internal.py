@@ -21,8 +21,18 @@ from proxy.upstream import UpstreamPool
 class InternalBackend:
     """One application behind a path prefix, served on its own unix socket."""
 
-    def __init__(self, name: str, prefix: str, app: web.Application, *, public: bool) -> None:
-        if not prefix.startswith("/") or prefix.endswith("/"):
+    def __init__(
+        self,
+        name: str,
+        prefix: str,
+        app: web.Application,
+        *,
+        public: bool,
+        max_line_size: int = 8190,
+        max_field_size: int = 8190,
+    ) -> None:
+        # "/" serves every path: the backend is the proxy's only upstream (lineage API).
+        if not prefix.startswith("/") or (prefix.endswith("/") and prefix != "/"):
             raise ValueError(f"{name}: prefix must start with '/' and not end with one: {prefix!r}")
         self.name = name
         self.prefix = prefix
@@ -30,12 +40,15 @@ class InternalBackend:
         # for a token); the gate skips authentication and policy for them.
         self.public = public
         self._app = app
+        self._limits = (max_line_size, max_field_size)
         self._runner: web.AppRunner | None = None
         self._directory: tempfile.TemporaryDirectory[str] | None = None
         self.pool: UpstreamPool | None = None
 
     def matches(self, target: str) -> bool:
         prefix = self.prefix
+        if prefix == "/":
+            return True
         return target.startswith(prefix) and (
             len(target) == len(prefix) or target[len(prefix)] in "/?"
         )
@@ -43,7 +56,13 @@ class InternalBackend:
     async def start(self, config: ProxyConfig) -> None:
         self._directory = tempfile.TemporaryDirectory(prefix=f"lineage-sidecar-{self.name}-")
         path = Path(self._directory.name) / "http.sock"
-        self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            self._app,
+            access_log=None,
+            handle_signals=False,
+            max_line_size=self._limits[0],
+            max_field_size=self._limits[1],
+        )
         await self._runner.setup()
         await web.UnixSite(self._runner, str(path)).start()
         path.chmod(0o600)

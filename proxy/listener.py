@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import HttpVersion10, HttpVersion11, RawRequestMessage
@@ -31,8 +32,10 @@ from redis.asyncio import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from agent.api import SERVER_SETTINGS
 from agent.spool import SpoolBusyError, SpoolOptions, SpoolWriter
-from lineage_sidecar.config import Config, RedisConfig, parse_listen
+from agent.store.migrate import MigrationError
+from lineage_sidecar.config import ApiConfig, Config, RedisConfig, parse_listen
 from proxy.accesslog import AccessLog
 from proxy.audit import AuditEntry, AuditLog
 from proxy.authn.chain import AuthChain, BearerJWT
@@ -43,9 +46,11 @@ from proxy.authz.store import PolicyLoadError, PolicyStore
 from proxy.forward import UNSUPPORTED_VERSION, ErrorBody, Forwarder, encode_error
 from proxy.gate import Gate
 from proxy.internal import InternalBackend
+from proxy.lineageapi import api_application
 from proxy.metrics import ProxyMetrics
 from proxy.tap import Tap
 from proxy.tls import CertificatePaths, CertificateReloader, server_context
+from proxy.upstream import UpstreamPool
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +240,8 @@ class ProxyWorker:
         self.idp: IdentityProvider | None = None
         self.redis: Redis | None = None
         self.internal: list[InternalBackend] = []
+        self.internal_default: InternalBackend | None = None
+        self.api_pool: asyncpg.Pool | None = None
         self.ssl_context: ssl.SSLContext | None = None
         self.reloader: CertificateReloader | None = None
         self.access_log: AccessLog | None = None
@@ -272,7 +279,10 @@ class ProxyWorker:
             body_excerpt_bytes=capture.body_excerpt_bytes if capture is not None else 0,
             internal=self.internal,
         )
-        self.forwarder.start()
+        api_pool = None
+        if self.config.api is not None:
+            api_pool = await self._start_api(self.config.api)
+        self.forwarder.start(api_pool)
         limits = proxy.limits
         server = ProxyServer(
             self.forwarder,
@@ -378,6 +388,25 @@ class ProxyWorker:
         await backend.start(self.config.proxy)
         self.internal.append(backend)
 
+    async def _start_api(self, config: ApiConfig) -> UpstreamPool:
+        assert self.policy is not None  # the config check makes api need a policy
+        try:
+            app, self.api_pool = await api_application(config, self.policy)
+        except (OSError, asyncpg.PostgresError, MigrationError) as exc:
+            raise StartupError(f"api.store_dsn: cannot open the lineage store: {exc}") from None
+        backend = InternalBackend(
+            "lineage-api",
+            "/",
+            app,
+            public=False,
+            max_line_size=SERVER_SETTINGS["max_line_size"],
+            max_field_size=SERVER_SETTINGS["max_field_size"],
+        )
+        await backend.start(self.config.proxy)
+        self.internal_default = backend
+        assert backend.pool is not None
+        return backend.pool
+
     def _start_tap(self) -> None:
         capture = self.config.capture
         if capture is None:
@@ -389,7 +418,7 @@ class ProxyWorker:
             self.spool = SpoolWriter(directory, options)
         except (ValueError, OSError, SpoolBusyError) as exc:
             raise StartupError(f"capture.spool_dir {directory}: {exc}") from None
-        service = capture.service or self.config.proxy.upstream
+        service = capture.service or self.config.proxy.upstream or "lineage-api"
         self.tap = Tap(
             self.spool,
             service=service,
@@ -443,6 +472,10 @@ class ProxyWorker:
             await self.bearer.close()
         for backend in self.internal:
             await backend.stop()
+        if self.internal_default is not None:
+            await self.internal_default.stop()
+        if self.api_pool is not None:
+            await self.api_pool.close()
         if self.redis is not None:
             await self.redis.aclose()
         if self.forwarder is not None and self.forwarder.pool is not None:

@@ -57,7 +57,13 @@ async def start_admin(
     return runner
 
 
-def upstream_probe(config: Config) -> TCPProbe:
+def upstream_probe(config: Config) -> ReadinessCheck:
+    if config.proxy.upstream is None:
+        # The lineage API runs inside this process: nothing remote to probe.
+        async def inside() -> str | None:
+            return None
+
+        return inside
     upstream = parse_upstream(config.proxy.upstream)
     return TCPProbe("upstream", upstream.host, upstream.port)
 

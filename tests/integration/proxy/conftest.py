@@ -79,7 +79,7 @@ class RunningProxy:
 @contextlib.contextmanager
 def run_proxy(
     tmp: Path,
-    upstream: str,
+    upstream: str | None,
     *,
     tls: dict[str, Any] | None = None,
     proxy: dict[str, Any] | None = None,

@@ -85,7 +85,7 @@ def test_missing_secret_names_the_field(tmp_path: Path) -> None:
     ("data", "message"),
     [
         ({}, r"Object missing required field `proxy`"),
-        ({"proxy": {}}, r"proxy: Object missing required field `upstream`"),
+        ({"proxy": {}}, r"proxy\.upstream: required"),
         (
             {"proxy": {"upstream": "http://a:1", "workers": "two"}},
             r"proxy\.workers: Expected `int`",
