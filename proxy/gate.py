@@ -68,6 +68,8 @@ class Refusal(Exception):
 def header_value(text: str) -> bytes:
     """Printable ASCII passes; anything else (CR, LF, NUL, non-ASCII, and ',' which
     separates list items) is percent-encoded, so no identity value can break a header."""
+    if text.isascii() and text.isprintable() and "," not in text and "%" not in text:
+        return text.encode("ascii")
     out = []
     for char in text:
         code = ord(char)

@@ -221,10 +221,27 @@ _GLOB_CACHE: dict[str, Callable[[str], bool]] = {}
 _GLOB_CACHE_MAX: Final = 200_000
 
 
+def _glob_regex_match(pattern: str) -> Callable[[str], bool]:
+    """wcmatch's own translation of the glob, matched with `re` directly.
+
+    For a string (not a real file system path) wcmatch's `match` is exactly "some include
+    regex fullmatches and no exclude regex does"; calling the regexes ourselves skips its
+    per-call object construction (about 2 us a match, ten times the regex itself).
+    """
+    include, exclude = wcglob.translate(pattern, flags=_GLOB_FLAGS)
+    if exclude:
+        return wcglob.compile(pattern, flags=_GLOB_FLAGS).match
+    regexes = tuple(re.compile(expression).fullmatch for expression in include)
+    if len(regexes) == 1:
+        (only,) = regexes
+        return lambda key: only(key) is not None
+    return lambda key: any(regex(key) is not None for regex in regexes)
+
+
 def _compiled_glob(pattern: str) -> Callable[[str], bool]:
     match = _GLOB_CACHE.get(pattern)
     if match is None:
-        match = wcglob.compile(pattern, flags=_GLOB_FLAGS).match
+        match = _glob_regex_match(pattern)
         if len(_GLOB_CACHE) >= _GLOB_CACHE_MAX:
             _GLOB_CACHE.clear()
         _GLOB_CACHE[pattern] = match
