@@ -1,0 +1,276 @@
+"""Configuration of the lineage agent, its sinks and the ingester: frozen, documented structs.
+
+Each field is documented once, here, through `msgspec.Meta(description=...)`; the main
+configuration (`lineage_sidecar.config`) embeds these sections and the configuration
+reference is generated from them. `check()` methods raise `ValueError` naming the field
+for combinations a type alone cannot rule out.
+
+`AgentProcessConfig` and `IngestProcessConfig` are what `python -m agent.agent` and
+`python -m agent.ingest` read on their own (one YAML or JSON file); the CLI builds the
+same objects from the main file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, TypeVar
+
+import msgspec
+import yaml
+
+from agent.derive import DeriveConfig
+
+T = TypeVar("T")
+
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=86400)]
+
+
+def _doc(text: str) -> msgspec.Meta:
+    return msgspec.Meta(description=text)
+
+
+class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The agent: tails the proxy's spool, derives lineage, batches and ships it."""
+
+    spool_dir: Annotated[
+        str,
+        _doc(
+            "The proxy's spool root; the agent reads every worker subdirectory in it "
+            "(`w0`, `w1`, ...) and keeps its checkpoint there."
+        ),
+    ] = "var/spool"
+    sink: Annotated[
+        Literal["kafka", "direct"],
+        _doc(
+            "Where batches go: `kafka` (encrypted, to the ingester through a topic) or "
+            "`direct` (straight into PostgreSQL in this process, for a single machine)."
+        ),
+    ] = "direct"
+    read_records: Annotated[
+        int,
+        msgspec.Meta(ge=1, le=100_000),
+        _doc("Capture records read from one worker spool at a time."),
+    ] = 2000
+    max_batch_events: Annotated[
+        int,
+        msgspec.Meta(ge=1, le=1_000_000),
+        _doc("A batch is sent once it holds this many events."),
+    ] = 5000
+    max_batch_bytes: Annotated[
+        int,
+        msgspec.Meta(ge=1024, le=64 << 20),
+        _doc("...or once its encoded events reach this many bytes."),
+    ] = 4 << 20
+    linger: Annotated[
+        Seconds,
+        _doc("...or once its oldest event has waited this long (seconds)."),
+    ] = 0.2
+    poll_interval: Annotated[
+        Seconds,
+        _doc("How often an idle spool is looked at again (seconds)."),
+    ] = 0.05
+    tick_interval: Annotated[
+        Seconds,
+        _doc(
+            "How often idle runs are completed by the wall clock, new worker spools are "
+            "discovered and the lag gauge is refreshed (seconds)."
+        ),
+    ] = 1.0
+    retry_initial: Annotated[
+        Seconds, _doc("First wait after a failed send; doubles on each failure (seconds).")
+    ] = 0.2
+    retry_max: Annotated[Seconds, _doc("Longest wait between two send attempts (seconds).")] = 10.0
+    complete_runs_on_stop: Annotated[
+        bool,
+        _doc(
+            "Complete every open run when the agent stops. Off by default: open runs are "
+            "kept in the checkpoint and continue after a restart."
+        ),
+    ] = False
+
+    def check(self) -> None:
+        """Raise ValueError naming the field when the combination cannot work."""
+        if self.retry_max < self.retry_initial:
+            raise ValueError("agent.retry_max must be at least agent.retry_initial")
+
+
+class KafkaConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The Kafka topic between agents and ingesters, and how the producer uses it."""
+
+    bootstrap_servers: Annotated[
+        str, _doc("Comma-separated host:port list of Kafka brokers to bootstrap from.")
+    ] = "127.0.0.1:9092"
+    topic: Annotated[
+        str,
+        msgspec.Meta(min_length=1, max_length=249, pattern=r"^[A-Za-z0-9._-]+$"),
+        _doc("Topic the sealed batches are written to and read from."),
+    ] = "lineage.events"
+    client_id: Annotated[str, _doc("Kafka client id, visible in broker logs and quotas.")] = (
+        "lineage-sidecar"
+    )
+    key_buckets: Annotated[
+        int,
+        msgspec.Meta(ge=1, le=65536),
+        _doc(
+            "Message keys are one of this many opaque buckets of a dataset (or run) hash: "
+            "a dataset's events share a key, hence a partition and their order, while the "
+            "key reveals nothing about the name. Keep it at or above the partition count."
+        ),
+    ] = 64
+    compression: Annotated[
+        Literal["gzip", "none"],
+        _doc(
+            "Producer compression. Messages are ciphertext, which does not compress: "
+            "`none` saves the CPU. (Compressing before encrypting would let message sizes "
+            "reveal content, so the agent does not.)"
+        ),
+    ] = "gzip"
+    linger_ms: Annotated[
+        int,
+        msgspec.Meta(ge=0, le=10_000),
+        _doc("Producer linger: how long a Kafka batch may wait for more messages (ms)."),
+    ] = 5
+    max_message_bytes: Annotated[
+        int,
+        msgspec.Meta(ge=1 << 14, le=256 << 20),
+        _doc(
+            "Largest sealed message (bytes): batches are cut into parts below it. Keep it "
+            "under the topic's max.message.bytes (broker default about 1 MiB)."
+        ),
+    ] = 900 << 10
+    max_request_bytes: Annotated[
+        int,
+        msgspec.Meta(ge=1 << 16, le=256 << 20),
+        _doc("Largest produce request (bytes); the broker's message.max.bytes must allow it."),
+    ] = 8 << 20
+    request_timeout: Annotated[
+        Seconds, _doc("Producer request timeout: a broker answer later than this fails it.")
+    ] = 30.0
+    send_timeout: Annotated[
+        Seconds,
+        _doc(
+            "Longest a whole batch may take to be acknowledged before the send counts as "
+            "failed and is retried (seconds)."
+        ),
+    ] = 60.0
+
+    def check(self) -> None:
+        if self.max_message_bytes > self.max_request_bytes:
+            raise ValueError("kafka.max_message_bytes must not exceed kafka.max_request_bytes")
+
+
+class KeysConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Where key-encryption keys come from (the standalone entry points know `local`)."""
+
+    provider: Annotated[
+        Literal["local"],
+        _doc("Key provider: `local` (a keyring file). Vault is wired by the main CLI."),
+    ] = "local"
+    keyring: Annotated[
+        str, _doc("Keyring file (0600), created with one fresh key when absent.")
+    ] = "var/keys/keyring.json"
+
+
+class StoreConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The PostgreSQL lineage store."""
+
+    dsn: Annotated[
+        str,
+        _doc(
+            "PostgreSQL DSN, or a `file:PATH` / `env:NAME` reference to one (it holds a password)."
+        ),
+    ] = "env:LS_PG_DSN"
+    max_connections: Annotated[
+        int, msgspec.Meta(ge=1, le=100), _doc("Connections in the writer's pool at most.")
+    ] = 4
+    migrate: Annotated[bool, _doc("Apply pending schema migrations at start.")] = True
+
+
+class IngestConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The ingester: consumes sealed batches, opens them and writes them to the store."""
+
+    group_id: Annotated[
+        str, _doc("Kafka consumer group; ingesters sharing it split the partitions.")
+    ] = "lineage-ingester"
+    instance_id: Annotated[
+        str | None,
+        _doc(
+            "Static group membership: an ingester restarted with the same id takes its "
+            "partitions back at once instead of waiting for a rebalance. Unique per "
+            "ingester (e.g. the pod name); unset for dynamic membership."
+        ),
+    ] = None
+    session_timeout: Annotated[
+        Annotated[float, msgspec.Meta(ge=1, le=3600)],
+        _doc(
+            "An ingester silent this long is presumed dead and its partitions move to the "
+            "others (seconds; the broker's group.min/max.session.timeout.ms bound it)."
+        ),
+    ] = 10.0
+    auto_offset_reset: Annotated[
+        Literal["earliest", "latest"],
+        _doc("Where a group with no committed offset starts. `earliest` loses nothing."),
+    ] = "earliest"
+    max_poll_records: Annotated[
+        int,
+        msgspec.Meta(ge=1, le=100_000),
+        _doc("Messages fetched, written in one transaction and committed together, at most."),
+    ] = 500
+    poll_timeout: Annotated[Seconds, _doc("How long one fetch waits for messages (seconds).")] = 0.5
+    max_message_bytes: Annotated[
+        int,
+        msgspec.Meta(ge=1 << 10, le=256 << 20),
+        _doc("A message above this is dead-lettered unopened (bytes)."),
+    ] = 64 << 20
+    retry_initial: Annotated[
+        Seconds,
+        _doc("First wait after the store or key provider failed; doubles (seconds)."),
+    ] = 0.2
+    retry_max: Annotated[
+        Seconds, _doc("Longest wait between two attempts at the same messages (seconds).")
+    ] = 10.0
+
+    def check(self) -> None:
+        if self.retry_max < self.retry_initial:
+            raise ValueError("ingest.retry_max must be at least ingest.retry_initial")
+
+
+class AgentProcessConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The file `python -m agent.agent --config FILE` reads."""
+
+    agent: AgentConfig = AgentConfig()
+    derive: Annotated[
+        DeriveConfig, _doc("Lineage derivation: run correlation, redaction, SQL limits.")
+    ] = DeriveConfig()
+    kafka: KafkaConfig = KafkaConfig()
+    keys: KeysConfig = KeysConfig()
+    store: StoreConfig = StoreConfig()
+
+
+class IngestProcessConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The file `python -m agent.ingest --config FILE` reads."""
+
+    ingest: IngestConfig = IngestConfig()
+    kafka: KafkaConfig = KafkaConfig()
+    keys: KeysConfig = KeysConfig()
+    store: StoreConfig = StoreConfig()
+
+
+def load_file(path: str | Path, kind: type[T]) -> T:
+    """Parse a YAML (or JSON) file into `kind`; ValueError names the file and the field."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    try:
+        config = msgspec.convert(raw, kind)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    for section in ("agent", "ingest", "kafka"):
+        check = getattr(getattr(config, section, None), "check", None)
+        if check is not None:
+            try:
+                check()
+            except ValueError as exc:
+                raise ValueError(f"{path}: {exc}") from None
+    return config
