@@ -39,11 +39,55 @@ def _cmd_api(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_agent(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from agent.agent import run_agent
+    from agent.config import AgentProcessConfig
+    from lineage_sidecar.config import AGENT_SECTIONS, load_process
+
+    config = load_process(args.config, AgentProcessConfig, AGENT_SECTIONS)
+    assert isinstance(config, AgentProcessConfig)
+    if args.check:
+        print(f"{args.config}: ok")
+        return 0
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    asyncio.run(run_agent(config))
+    return 0
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from agent.config import IngestProcessConfig
+    from agent.ingest import run_ingester
+    from lineage_sidecar.config import INGEST_SECTIONS, load_process
+
+    config = load_process(args.config, IngestProcessConfig, INGEST_SECTIONS)
+    assert isinstance(config, IngestProcessConfig)
+    if args.check:
+        print(f"{args.config}: ok")
+        return 0
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    asyncio.run(run_ingester(config))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from lineage_sidecar.demo import run_demo
 
     return run_demo(
-        listen=args.listen, admin=args.admin, state_dir=args.state_dir, config_path=args.config
+        listen=args.listen,
+        admin=args.admin,
+        api_listen=args.api,
+        state_dir=args.state_dir,
+        config_path=args.config,
     )
 
 
@@ -80,6 +124,34 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_argument("--check", action="store_true", help="validate the configuration and exit")
     proxy.set_defaults(func=_cmd_proxy)
 
+    agent = commands.add_parser(
+        "agent",
+        help="turn the proxy's capture spool into lineage and ship it (Kafka or direct)",
+        description=(
+            "Tail the spool, derive OpenLineage events, encrypt and send them; the spool "
+            "position advances only after the sink acknowledged. SIGTERM stops cleanly."
+        ),
+    )
+    agent.add_argument(
+        "--config", required=True, help="YAML file (sections agent, derive, kafka, keys, store)"
+    )
+    agent.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    agent.set_defaults(func=_cmd_agent)
+
+    ingest = commands.add_parser(
+        "ingest",
+        help="consume lineage from Kafka into PostgreSQL",
+        description=(
+            "Consumer group: decrypt, write in batches, commit offsets after the database; "
+            "unreadable messages go to the dead-letter table."
+        ),
+    )
+    ingest.add_argument(
+        "--config", required=True, help="YAML file (sections ingest, kafka, keys, store)"
+    )
+    ingest.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    ingest.set_defaults(func=_cmd_ingest)
+
     api = commands.add_parser(
         "api",
         help="serve the lineage API behind the proxy's authentication and policies",
@@ -103,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", help="optional YAML file whose sections override the demo's")
     demo.add_argument("--listen", default="127.0.0.1:8443", help="proxy address (host:port)")
     demo.add_argument("--admin", default="127.0.0.1:9901", help="admin address (host:port)")
+    demo.add_argument("--api", default="127.0.0.1:8444", help="lineage API address (host:port)")
     demo.add_argument("--state-dir", default="var/demo", help="where the demo keeps its files")
     demo.set_defaults(func=_cmd_demo)
 

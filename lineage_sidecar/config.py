@@ -28,6 +28,16 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
+from agent.config import (
+    AgentConfig,
+    AgentProcessConfig,
+    IngestConfig,
+    IngestProcessConfig,
+    KafkaConfig,
+    KeysConfig,
+    StoreConfig,
+)
+from agent.derive import DeriveConfig
 from proxy.authn.idp.config import IdpConfig
 from proxy.authn.jwt import IssuerConfig
 
@@ -356,6 +366,14 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     capture: CaptureConfig | None = None
     redis: RedisConfig | None = None
     api: ApiConfig | None = None
+    # The lineage agent's and ingester's sections (agent/config.py documents them); they
+    # may share this file with the proxy's, and `lineage-sidecar agent|ingest` read them.
+    agent: AgentConfig | None = None
+    derive: DeriveConfig | None = None
+    kafka: KafkaConfig | None = None
+    keys: KeysConfig | None = None
+    store: StoreConfig | None = None
+    ingest: IngestConfig | None = None
 
 
 def _resolve_secret(raw: str, field_path: str) -> Secret:
@@ -497,8 +515,38 @@ def parse_upstream(url: str) -> UpstreamAddress:
     )
 
 
-def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
-    """Read, override from the environment, validate. Raises ConfigError (one line)."""
+AGENT_SECTIONS = ("agent", "derive", "kafka", "keys", "store")
+INGEST_SECTIONS = ("ingest", "kafka", "keys", "store")
+
+
+def load_process(
+    path: str | os.PathLike[str],
+    kind: type[AgentProcessConfig] | type[IngestProcessConfig],
+    sections: tuple[str, ...],
+    environ: Mapping[str, str] | None = None,
+) -> AgentProcessConfig | IngestProcessConfig:
+    """The agent's or the ingester's sections of a configuration file (others ignored)."""
+    source = str(path)
+    raw = _read_mapping(path)
+    _apply_env(raw, os.environ if environ is None else environ)
+    picked = {key: value for key, value in raw.items() if key in sections}
+    try:
+        config = msgspec.convert(picked, kind, strict=True)
+    except msgspec.ValidationError as exc:
+        field, problem = _field_path(str(exc))
+        where = f" {field}:" if field else ""
+        raise ConfigError(f"{source}:{where} {problem}") from None
+    for section in sections:
+        check = getattr(getattr(config, section, None), "check", None)
+        if check is not None:
+            try:
+                check()
+            except ValueError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
+    return config
+
+
+def _read_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -521,6 +569,13 @@ def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None)
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    return raw
+
+
+def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Read, override from the environment, validate. Raises ConfigError (one line)."""
+    source = str(path)
+    raw = _read_mapping(path)
     return from_mapping(raw, source=source, environ=os.environ if environ is None else environ)
 
 

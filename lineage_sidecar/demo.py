@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import os
 import secrets
@@ -24,14 +25,20 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import bcrypt
+import msgspec
 import uvloop
 import yaml
 
+from agent.agent import LineageAgent, open_sink
+from agent.config import AgentProcessConfig
+from agent.events import InputDataset, Job, LineageEvent, OutputDataset, Run, RunEvent
+from agent.store.writer import StoreWriter
 from lineage_sidecar.config import Config, from_mapping, parse_listen
 from proxy.supervisor import Proxy, configure_logging
 
@@ -172,7 +179,7 @@ def demo_config(
             "routes": str(POLICY_DIR / "routes.yaml"),
             "audit_log": str(state_dir / "audit.jsonl"),
         },
-        "capture": {"spool_dir": str(state_dir / "spool"), "service": upstream},
+        "capture": {"spool_dir": str(state_dir / "spool"), "service": NS_SALES},
     }
     for section, values in overrides.items():
         if isinstance(values, dict) and isinstance(raw.get(section), dict):
@@ -223,6 +230,13 @@ def print_try_lines(facts: dict[str, Any]) -> None:
         "customers+on+customers.id=customer_id+group+by+name'",
         f"  curl {cacert}{proxy}/sales/orders.json            # 401: no token",
         f"  curl {cacert}{auth}{proxy}/sales/secret.json      # 403: deny rule",
+        "",
+        f"Lineage, from the API at {facts['api_url']} with the same token:",
+        f"  curl {cacert}{auth}'{facts['api_url']}/lineage/graph?node={NS_SALES}:sales.dashboard"
+        "&direction=up&depth=3'   # sales.secret appears only as a hidden node",
+        f"  curl {cacert}{auth}'{facts['api_url']}/datasets/sales.orders/access"
+        f"?namespace={NS_SALES}'   # who read it (the queries above)",
+        "",
         f"  curl {facts['admin_url']}/readyz",
         f"  curl {facts['admin_url']}/metrics",
         "  .venv/bin/lineage-sidecar policy explain --as alice GET /sales/secret.json",
@@ -234,11 +248,123 @@ def print_try_lines(facts: dict[str, Any]) -> None:
     print("\n".join(lines), flush=True)
 
 
-async def _run(config: Config, state_dir: Path, upstream: str, users: list[DemoUser]) -> None:
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_NAMESPACE = "etl://nightly"
+
+
+def store_dsn(state_dir: Path) -> str:
+    """The lineage store: LS_PG_DSN if set, else the checkout's own PostgreSQL on loopback
+    (started with scripts/services, which installs it if needed)."""
+    dsn = os.environ.get("LS_PG_DSN")
+    if dsn:
+        return dsn
+    services = REPO / "scripts" / "services"
+    if not services.exists():
+        raise RuntimeError("no lineage store: set LS_PG_DSN to a PostgreSQL DSN")
+    subprocess.run(["bash", str(services), "up", "pg"], check=True)  # noqa: S603, S607
+    for line in (REPO / "var" / "services" / "env").read_text().splitlines():
+        if line.startswith("export LS_PG_DSN="):
+            return line.split("=", 1)[1].strip().strip("'\"")
+    raise RuntimeError("scripts/services did not report LS_PG_DSN")
+
+
+def api_config(api_listen: str, state_dir: Path, issuer: str, audience: str) -> Config:
+    raw: dict[str, Any] = {
+        "proxy": {"listen": api_listen, "tls": {"self_signed_dir": str(state_dir / "tls")}},
+        "admin": {"listen": "127.0.0.1:0"},
+        "log": {"access_log": str(state_dir / "api-access.log")},
+        "auth": {
+            "jwt_issuers": [
+                {
+                    "issuer": issuer,
+                    "audiences": [audience],
+                    "key_file": str(state_dir / "idp-jwks.json"),
+                    "roles_claim": "roles",
+                }
+            ]
+        },
+        "policy": {
+            "model": str(POLICY_DIR / "model.conf"),
+            "policies": [str(POLICY_DIR / "policy.csv")],
+            "routes": str(POLICY_DIR / "api-routes.yaml"),
+            "audit_log": str(state_dir / "api-audit.jsonl"),
+        },
+        "api": {"store_dsn": f"file:{state_dir / 'store-dsn'}"},
+    }
+    return from_mapping(raw, source="demo-api", environ={})
+
+
+def agent_config(state_dir: Path) -> AgentProcessConfig:
+    return msgspec.convert(
+        {
+            "agent": {"spool_dir": str(state_dir / "spool"), "sink": "direct", "linger": 0.2},
+            "store": {"dsn": f"file:{state_dir / 'store-dsn'}"},
+        },
+        AgentProcessConfig,
+    )
+
+
+def sample_lineage() -> list[LineageEvent]:
+    """What a nightly ETL job would report: two pipelines, one reading the secret table."""
+    when = datetime.datetime.now(datetime.UTC)
+
+    def run(name: str, inputs: list[str], outputs: list[str]) -> RunEvent:
+        return RunEvent(
+            event_type="COMPLETE",
+            event_time=when,
+            run=Run(run_id=uuid.uuid5(uuid.NAMESPACE_URL, f"demo-{name}")),
+            job=Job(namespace=SAMPLE_NAMESPACE, name=name),
+            inputs=tuple(InputDataset(namespace=NS_SALES, name=n) for n in inputs),
+            outputs=tuple(OutputDataset(namespace=NS_SALES, name=n) for n in outputs),
+        )
+
+    return [
+        run("daily_revenue", ["sales.orders", "sales.customers"], ["sales.daily_revenue"]),
+        run("risk_scores", ["sales.secret", "sales.customers"], ["sales.risk_scores"]),
+        run("exec_dashboard", ["sales.daily_revenue", "sales.risk_scores"], ["sales.dashboard"]),
+    ]
+
+
+NS_SALES = "demo-sales"
+
+
+async def _run(
+    config: Config,
+    state_dir: Path,
+    upstream: str,
+    users: list[DemoUser],
+    api_listen: str,
+) -> None:
     proxy = Proxy(config)
     await proxy.start()
+    api: Proxy | None = None
+    agent: LineageAgent | None = None
+    agent_task: asyncio.Task[None] | None = None
+    sink = None
     try:
+        assert proxy.worker is not None
+        assert proxy.worker.idp is not None
+        idp = proxy.worker.idp
+        # The API proxy trusts the demo's identity provider through its public keys.
+        (state_dir / "idp-jwks.json").write_bytes(idp.keys.jwks_document)
+        assert config.auth is not None
+        assert config.auth.idp is not None
+        api = Proxy(
+            api_config(api_listen, state_dir, config.auth.idp.issuer, config.auth.idp.audience)
+        )
+        await api.start()
+        writer = await StoreWriter.connect((state_dir / "store-dsn").read_text())
+        try:
+            await writer.write(sample_lineage())
+        finally:
+            await writer.close()
+        process = agent_config(state_dir)
+        sink = await open_sink(process)
+        agent = LineageAgent(process, sink)
+        agent_task = asyncio.get_running_loop().create_task(agent.run(), name="lineage-agent")
+
         facts = endpoints(config, proxy, upstream, users)
+        facts["api_url"] = f"https://{parse_listen(api_listen)[0]}:{api.port}"
         facts["audit_log"] = config.policy.audit_log if config.policy is not None else None
         path = state_dir / "endpoints.json"
         path.write_text(json.dumps(facts, indent=2) + "\n")
@@ -251,10 +377,20 @@ async def _run(config: Config, state_dir: Path, upstream: str, users: list[DemoU
         await stop.wait()
         print("stopping the demo ...", flush=True)
     finally:
+        # Stop order: stop taking requests, then let the agent deliver what they left.
         await proxy.stop()
+        if agent is not None and agent_task is not None:
+            agent.stop()
+            await agent_task
+        if sink is not None:
+            await sink.close()
+        if api is not None:
+            await api.stop()
 
 
-def run_demo(*, listen: str, admin: str, state_dir: str, config_path: str | None) -> int:
+def run_demo(
+    *, listen: str, admin: str, api_listen: str, state_dir: str, config_path: str | None
+) -> int:
     configure_logging("info")
     state = Path(state_dir)
     state.mkdir(parents=True, exist_ok=True)
@@ -268,12 +404,15 @@ def run_demo(*, listen: str, admin: str, state_dir: str, config_path: str | None
     database = state / "sales.db"
     make_sample_database(database)
     users = make_users(state / "users.yaml")
+    dsn_file = state / "store-dsn"
+    dsn_file.write_text(store_dsn(state))
+    dsn_file.chmod(0o600)
     port = free_port()
     upstream = f"http://127.0.0.1:{port}"
     config = demo_config(listen, admin, upstream, state, overrides)
     datasette = start_datasette(database, port, state / "datasette.log")
     try:
-        uvloop.run(_run(config, state, upstream, users))
+        uvloop.run(_run(config, state, upstream, users, api_listen))
     finally:
         stop_process(datasette)
         (state / "endpoints.json").unlink(missing_ok=True)

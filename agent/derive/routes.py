@@ -6,8 +6,9 @@ service behind the proxy (`CaptureRecord.service`, e.g. `https://sales-db.intern
 and the name is the route's resource without its `dataset:` prefix (`sales.orders`).
 
 Tables named in the request's SQL live in the same namespace. An unqualified table takes
-the route's dataset as its database (`/sales/query` with resource `dataset:sales` and
-`SELECT * FROM orders` reads `sales.orders`); a qualified one is taken as written.
+the route's dataset (or, for a resource `database:<db>`, that database) as its database
+(`/sales.json` with resource `database:sales` and `SELECT * FROM orders` reads
+`sales.orders`); a qualified one is taken as written.
 
 Only requests the upstream actually served contribute lineage: decided `allow` (or not
 subject to a decision) and answered without a 4xx. Every request that names a dataset,
@@ -23,6 +24,9 @@ from agent.derive.sql import DEFAULT_MAX_SQL_BYTES, SqlLineage, TableName, table
 from agent.events import AccessEvent, access_event_id, time_from_ns
 
 DATASET_PREFIX = "dataset:"
+# A route whose resource names a whole database (`database:sales`, e.g. a SQL endpoint)
+# is no dataset itself, but it is the database of the unqualified tables in its SQL.
+DATABASE_PREFIX = "database:"
 READ_ACTIONS = frozenset({"read", "select", "get", "list", "query"})
 WRITE_ACTIONS = frozenset({"write", "insert", "update", "delete", "create", "append", "upsert"})
 
@@ -92,7 +96,7 @@ def request_lineage(
         else tables_and_columns(record.sql, record.sql_dialect, max_bytes=max_sql_bytes)
     )
     if isinstance(sql_result, SqlLineage):
-        reads, writes, columns = _sql_facts(record.service, route, sql_result)
+        reads, writes, columns = _sql_facts(record.service, _sql_database(record), sql_result)
         accesses.update(DatasetAccess(dataset=d, action="read") for d in reads)
         accesses.update(DatasetAccess(dataset=d, action="write") for d in writes)
         problems = sql_result.skipped
@@ -115,12 +119,21 @@ def request_lineage(
     )
 
 
+def _sql_database(record: CaptureRecord) -> str | None:
+    """The database unqualified SQL tables belong to: the route's dataset or database."""
+    resource = record.resource or ""
+    for prefix in (DATASET_PREFIX, DATABASE_PREFIX):
+        if resource.startswith(prefix) and len(resource) > len(prefix):
+            return resource[len(prefix) :]
+    return None
+
+
 def _sql_facts(
-    service: str, route: DatasetRef | None, sql: SqlLineage
+    service: str, database: str | None, sql: SqlLineage
 ) -> tuple[set[DatasetRef], set[DatasetRef], set[ColumnLink]]:
     def dataset(table: TableName) -> DatasetRef:
-        if len(table.parts) == 1 and route is not None:
-            return DatasetRef(namespace=service, name=f"{route.name}.{table.qualified}")
+        if len(table.parts) == 1 and database is not None:
+            return DatasetRef(namespace=service, name=f"{database}.{table.qualified}")
         return DatasetRef(namespace=service, name=table.qualified)
 
     reads = {dataset(t) for t in sql.inputs}

@@ -87,6 +87,30 @@ def test_demo_serves_the_contract_and_stops_cleanly(tmp_path: Path) -> None:
         assert len(table["rows"]) == 4
         status, _ = call(f"{proxy}/sales/secret.json", ca, token=token)
         assert status == 403
+        status, _ = call(f"{proxy}/sales.json?sql=select+*+from+orders", ca, token=token)
+        assert status == 200
+        api = facts["api_url"]
+        status, graph = call(
+            f"{api}/lineage/graph?node=demo-sales:sales.dashboard&direction=up&depth=3",
+            ca,
+            token=token,
+        )
+        assert status == 200
+        names = {node.get("name") for node in graph["nodes"]}
+        assert {"sales.daily_revenue", "sales.orders"} <= names
+        assert "secret" not in json.dumps(graph)
+        assert any(node["kind"] == "hidden" for node in graph["nodes"])
+        # The query above went spool -> agent -> store: alice's read shows up.
+        deadline = time.monotonic() + 20
+        readers: list[str] = []
+        while time.monotonic() < deadline and "alice" not in readers:
+            status, access = call(
+                f"{api}/datasets/sales.orders/access?namespace=demo-sales", ca, token=token
+            )
+            assert status == 200
+            readers = [event["principal"] for event in access["events"]]
+            time.sleep(0.3)
+        assert "alice" in readers
         with urllib.request.urlopen(f"{facts['admin_url']}/readyz", timeout=5) as ready:
             assert json.loads(ready.read())["ready"] is True
         assert "Lineage Sidecar demo is running" in log.read_text()

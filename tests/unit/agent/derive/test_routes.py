@@ -141,3 +141,10 @@ def test_access_events_carry_the_request_and_have_stable_ids() -> None:
     assert event.rule == "p, analyst, dataset:sales.*, read"
     other = make_record(request_id="req-43", resource="dataset:sales.orders", action="read")
     assert access_events(other, request_lineage(other))[0].event_id != event.event_id
+
+
+def test_database_resource_qualifies_unqualified_sql_tables() -> None:
+    record = make_record(resource="database:sales", action="read", sql="select * from orders")
+    lineage = request_lineage(record)
+    assert [d.name for d in lineage.reads] == ["sales.orders"]
+    assert all(access.dataset.name != "sales" for access in lineage.accesses)
