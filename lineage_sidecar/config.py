@@ -305,6 +305,14 @@ class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     audit_log: Annotated[
         str, _doc("Hash-chained JSON lines audit of every decision (created 0600).")
     ] = "var/audit/audit.jsonl"
+    admin_path: Annotated[
+        str | None,
+        _doc(
+            "Serve the policy administration API under this path (e.g. /_sidecar/policy): "
+            "GET needs policy:admin read, changes policy:admin write. Changes are written "
+            "to the first policy file. Null: not served."
+        ),
+    ] = None
 
 
 class CaptureConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

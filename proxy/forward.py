@@ -31,7 +31,7 @@ from multidict import CIMultiDict
 from lineage_sidecar.config import ProxyConfig, parse_upstream
 from proxy.accesslog import AccessLog
 from proxy.gate import Admission, Gate, Refusal
-from proxy.internal import InternalBackend
+from proxy.internal import InternalBackend, longest_prefix_first
 from proxy.metrics import ProxyMetrics
 from proxy.tap import Tap
 from proxy.upstream import UpstreamConnection, UpstreamError, UpstreamPool
@@ -166,7 +166,8 @@ class Forwarder:
         self._tap = tap
         self._strip = gate.strip if gate is not None else frozenset()
         self._excerpt_limit = body_excerpt_bytes if tap is not None else 0
-        self._internal = tuple(internal)
+        # Most specific prefix first (the admin API under the identity provider's path).
+        self._internal = longest_prefix_first(internal)
         self._scheme = scheme
         self._base_path = upstream.base_path.encode("ascii")
         self._upstream_host = upstream.authority.encode("ascii")

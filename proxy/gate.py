@@ -26,7 +26,7 @@ from proxy.authz.engine import Decision, PolicyEngine
 from proxy.authz.paths import PathRejected
 from proxy.authz.routes import ResourceTemplate, RouteMatch, SqlSource
 from proxy.authz.store import PolicyStore, decide_principal
-from proxy.internal import InternalBackend
+from proxy.internal import InternalBackend, longest_prefix_first
 
 NO_ROUTE = "no route matches this request: deny by default"
 PUBLIC = "public route"
@@ -155,7 +155,9 @@ class Gate:
         public_backends: Sequence[InternalBackend] = (),
     ) -> None:
         self._auth = auth
-        self._public_backends = tuple(b for b in public_backends if b.public)
+        # Longest prefix first: /_sidecar/policy is the admin API, not the identity
+        # provider at /_sidecar, and must never inherit its "public".
+        self._backends = longest_prefix_first(public_backends)
         self._policy = policy
         self._audit = audit
         self._names = (
@@ -183,12 +185,12 @@ class Gate:
                 admission.outcome = "rejected"
                 raise Refusal(exc.status, "bad_path", exc.reason, admission) from None
             admission.target = normalized.upstream_target
-        for backend in self._public_backends:
-            if backend.matches(admission.target):
-                admission.outcome = "allow"
-                admission.decision = Decision(True, f"sidecar endpoint: {backend.name}")
-                self._audit_or_refuse(request, request_id, admission)
-                return admission
+        backend = next((b for b in self._backends if b.matches(admission.target)), None)
+        if backend is not None and backend.public:
+            admission.outcome = "allow"
+            admission.decision = Decision(True, f"sidecar endpoint: {backend.name}")
+            self._audit_or_refuse(request, request_id, admission)
+            return admission
         match = admission.match
         if match is not None and match.route.public:
             admission.outcome = "allow"
@@ -225,7 +227,12 @@ class Gate:
             )
         admission.principal = principal
 
-        if snapshot is None:
+        if snapshot is not None and backend is not None and backend.resource is not None:
+            action = "read" if request.method in ("GET", "HEAD") else "write"
+            admission.decision = decide_principal(
+                snapshot.engine, principal.id, principal.roles, backend.resource, action
+            )
+        elif snapshot is None:
             admission.decision = Decision(True, NO_POLICY)
         elif match is None:
             admission.decision = Decision(False, NO_ROUTE)

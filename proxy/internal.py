@@ -10,12 +10,18 @@ identity headers the proxy sets: nothing but this process can reach the socket.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from aiohttp import web
 
 from lineage_sidecar.config import ProxyConfig
 from proxy.upstream import UpstreamPool
+
+
+def longest_prefix_first(backends: Iterable[InternalBackend]) -> tuple[InternalBackend, ...]:
+    """The order to try backends in: the most specific prefix wins."""
+    return tuple(sorted(backends, key=lambda backend: len(backend.prefix), reverse=True))
 
 
 class InternalBackend:
@@ -30,6 +36,7 @@ class InternalBackend:
         public: bool,
         max_line_size: int = 8190,
         max_field_size: int = 8190,
+        resource: str | None = None,
     ) -> None:
         # "/" serves every path: the backend is the proxy's only upstream (lineage API).
         if not prefix.startswith("/") or (prefix.endswith("/") and prefix != "/"):
@@ -39,6 +46,9 @@ class InternalBackend:
         # Public backends authenticate callers themselves (a login endpoint cannot ask
         # for a token); the gate skips authentication and policy for them.
         self.public = public
+        # Set for backends the route file does not describe (the policy admin API): the
+        # gate decides on this resource, with `read` for GET/HEAD and `write` otherwise.
+        self.resource = resource
         self._app = app
         self._limits = (max_line_size, max_field_size)
         self._runner: web.AppRunner | None = None

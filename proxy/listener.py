@@ -20,6 +20,7 @@ import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import asyncpg
 from aiohttp import web
@@ -42,6 +43,8 @@ from proxy.authn.chain import AuthChain, BearerJWT
 from proxy.authn.idp.app import IdentityProvider
 from proxy.authn.idp.config import IdpConfig
 from proxy.authn.idp.events import AuthEvent, LoggingEventSink
+from proxy.authz.admin import DEFAULT_CHANNEL as POLICY_CHANNEL
+from proxy.authz.admin import admin_api
 from proxy.authz.store import PolicyLoadError, PolicyStore
 from proxy.forward import UNSUPPORTED_VERSION, ErrorBody, Forwarder, encode_error
 from proxy.gate import Gate
@@ -306,6 +309,11 @@ class ProxyWorker:
             self._spawn(self.access_log.run(), "access-log-writer")
         if self.policy is not None:
             self._spawn(self.policy.run(), "policy-reloader")
+            if self.config.redis is not None:
+                # Changes made through the admin API elsewhere are announced here.
+                self._spawn(
+                    self.policy.listen(self.config.redis.url, POLICY_CHANNEL), "policy-listener"
+                )
         if self.audit is not None:
             self._spawn(self.audit.run(), "audit-writer")
         # Everything built so far lives as long as the process: move it out of the cyclic
@@ -352,6 +360,8 @@ class ProxyWorker:
             except PolicyLoadError as exc:
                 raise StartupError(f"policy: {exc}") from None
             self.audit = AuditLog(self._per_worker(policy.audit_log))
+            if policy.admin_path is not None:
+                await self._start_policy_admin(policy.admin_path, Path(policy.policies[0]))
         self.gate = Gate(
             auth=chain,
             policy=self.policy,
@@ -359,6 +369,36 @@ class ProxyWorker:
             identity=auth.identity_headers,
             public_backends=self.internal,
         )
+
+    async def _start_policy_admin(self, path: str, policy_file: Path) -> None:
+        assert self.policy is not None
+        names = self.config.auth.identity_headers if self.config.auth else None
+        user_header = names.user if names else "X-Auth-Request-User"
+        roles_header = names.roles if names else "X-Auth-Request-Roles"
+
+        def principal_of(request: web.Request) -> str | None:
+            return request.headers.get(user_header)
+
+        def roles_of(request: web.Request) -> list[str]:
+            value = request.headers.get(roles_header, "")
+            return [unquote(role) for role in value.split(",") if role]
+
+        redis_url = self.config.redis.url if self.config.redis is not None else None
+        root = web.Application()
+        root.add_subapp(
+            path,
+            admin_api(
+                self.policy,
+                policy_file=policy_file,
+                audit=self.audit,
+                principal_of=principal_of,
+                roles_of=roles_of,
+                redis_url=redis_url,
+            ),
+        )
+        backend = InternalBackend("policy-admin", path, root, public=False, resource="policy:admin")
+        await backend.start(self.config.proxy)
+        self.internal.append(backend)
 
     async def _start_idp(self, config: IdpConfig) -> None:
         if self.config.redis is not None:

@@ -49,6 +49,8 @@ p, engineer, dataset:sales.*, write, allow
 p, analyst, dataset:sales.secret, read, deny
 p, engineer, dataset:sales.secret, read, deny
 g, dave, analyst
+p, admin, policy:admin, read, allow
+p, admin, policy:admin, write, allow
 """
 
 ROUTES = """\
@@ -339,14 +341,21 @@ def test_policy_edit_takes_effect_without_failed_requests(gated: GatedProxy) -> 
     try:
         policy = gated.policy_dir / "policy.csv"
         original = policy.read_text()
+
+        def publish(text: str) -> None:
+            # As deployment tools do (and docs/operations.md asks): write, then rename.
+            staged = policy.with_suffix(".tmp")
+            staged.write_text(text)
+            staged.replace(policy)
+
         # A broken edit first: the last good policy must stay in force.
-        policy.write_text(original + "p, auditor, dataset:sales.*\n")
+        publish(original + "p, auditor, dataset:sales.*\n")
         time.sleep(0.6)
         ready = get(gated.proxy.admin_port, "/readyz")
         assert ready.status == 503
         assert "policy.csv" in ready.body.decode()
         assert gated.call("GET", "/sales/orders.json", token).status == 403
-        policy.write_text(original + "p, auditor, dataset:sales.*, read, allow\n")
+        publish(original + "p, auditor, dataset:sales.*, read, allow\n")
         deadline = time.monotonic() + 5
         status = 0
         while time.monotonic() < deadline and status != 200:

@@ -35,6 +35,14 @@ class LoginProxy:
         )
         return exchange(self.proxy.port, head.encode() + body, method="POST")
 
+    def request(self, method: str, path: str, document: dict[str, str], headers: str) -> Reply:
+        body = json.dumps(document).encode()
+        head = (
+            f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n{headers}Connection: close\r\n\r\n"
+        )
+        return exchange(self.proxy.port, head.encode() + body, method=method)
+
     def get(self, path: str, token: str | None = None) -> Reply:
         auth = f"Authorization: Bearer {token}\r\n" if token else ""
         head = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Connection: close\r\n\r\n"
@@ -55,6 +63,7 @@ def own_login(echo_upstream: str, tmp_path_factory: pytest.TempPathFactory) -> I
                 "users": [
                     {"name": "alice", "password_hash": hashed, "roles": ["analyst"]},
                     {"name": "bob", "password_hash": hashed, "roles": ["engineer"]},
+                    {"name": "carol", "password_hash": hashed, "roles": ["admin"]},
                 ]
             }
         )
@@ -81,6 +90,7 @@ def own_login(echo_upstream: str, tmp_path_factory: pytest.TempPathFactory) -> I
             "policies": [str(policy_dir / "policy.csv")],
             "routes": str(policy_dir / "routes.yaml"),
             "audit_log": str(audit),
+            "admin_path": "/_sidecar/policy",
         },
     }
     with run_proxy(directory, echo_upstream, extra=extra, port=port) as proxy:
@@ -153,3 +163,25 @@ def test_sidecar_paths_cannot_be_used_to_reach_the_data_service(own_login: Login
 def test_audit_chain_holds(own_login: LoginProxy) -> None:
     own_login.login("alice")
     assert verify([own_login.audit]).ok
+
+
+def test_policy_admin_api_is_guarded_by_policy_admin(own_login: LoginProxy) -> None:
+    alice = own_login.login("alice").json()["access_token"]
+    carol = own_login.login("carol").json()["access_token"]
+    as_alice = f"Authorization: Bearer {alice}\r\n"
+    as_carol = f"Authorization: Bearer {carol}\r\n"
+    # dave is an analyst through a g line of the policy file.
+    check = {"subject": "dave", "object": "dataset:sales.orders", "action": "read"}
+    assert own_login.post("/_sidecar/policy/check", check, headers=as_alice).status == 403
+    assert own_login.post("/_sidecar/policy/check", check).status == 401
+    reply = own_login.post("/_sidecar/policy/check", check, headers=as_carol)
+    assert reply.status == 200, reply.body
+    assert reply.json()["allowed"] is True
+    added = own_login.post(
+        "/_sidecar/policy/roles", {"subject": "alice-bot", "role": "analyst"}, headers=as_carol
+    )
+    assert added.status == 201, added.body
+    removed = own_login.request(
+        "DELETE", "/_sidecar/policy/roles", {"subject": "alice-bot", "role": "analyst"}, as_carol
+    )
+    assert removed.status == 200, removed.body
