@@ -23,9 +23,9 @@ from proxy.audit import AuditEntry, AuditLog
 from proxy.authn.chain import AuthChain
 from proxy.authn.principal import AuthError, Principal
 from proxy.authz.engine import Decision, PolicyEngine
-from proxy.authz.paths import PathRejected
+from proxy.authz.paths import NormalizedPath, PathRejected
 from proxy.authz.routes import ResourceTemplate, RouteMatch, SqlSource
-from proxy.authz.store import PolicyStore, decide_principal
+from proxy.authz.store import PolicySnapshot, PolicyStore, decide_principal
 from proxy.internal import InternalBackend, longest_prefix_first
 
 NO_ROUTE = "no route matches this request: deny by default"
@@ -135,6 +135,51 @@ def sql_decision(
     return Decision(True, f"SQL tables allowed ({len(checks)} checked)")
 
 
+MEMO_ENTRIES = 50_000
+
+
+class SnapshotMemo:
+    """Route matches and decisions remembered for one policy version.
+
+    Both are pure functions of the snapshot and their inputs (method and raw target; the
+    principal's id and roles, resource and action), so a repeated request skips path
+    normalization, route matching and the policy walk. Bounded: emptied when full, so a
+    flood of distinct paths or identities costs memory up to the bound and no more.
+    Refusals (rejected paths) are not remembered.
+    """
+
+    __slots__ = ("_decisions", "_routes", "snapshot")
+
+    def __init__(self, snapshot: PolicySnapshot | None) -> None:
+        self.snapshot = snapshot
+        self._routes: dict[tuple[str, str], tuple[NormalizedPath, RouteMatch | None]] = {}
+        self._decisions: dict[tuple[str, tuple[str, ...], str, str], Decision] = {}
+
+    def resolve(self, method: str, raw_target: str) -> tuple[NormalizedPath, RouteMatch | None]:
+        key = (method, raw_target)
+        found = self._routes.get(key)
+        if found is None:
+            assert self.snapshot is not None
+            found = self.snapshot.routes.resolve(method, raw_target)
+            if len(self._routes) >= MEMO_ENTRIES:
+                self._routes.clear()
+            self._routes[key] = found
+        return found
+
+    def decide(self, principal: Principal, resource: str, action: str) -> Decision:
+        key = (principal.id, principal.roles, resource, action)
+        decision = self._decisions.get(key)
+        if decision is None:
+            assert self.snapshot is not None
+            decision = decide_principal(
+                self.snapshot.engine, principal.id, principal.roles, resource, action
+            )
+            if len(self._decisions) >= MEMO_ENTRIES:
+                self._decisions.clear()
+            self._decisions[key] = decision
+        return decision
+
+
 def _rule_text(decision: Decision | None) -> str | None:
     if decision is None or not decision.rule:
         return None
@@ -158,6 +203,7 @@ class Gate:
         # Longest prefix first: /_sidecar/policy is the admin API, not the identity
         # provider at /_sidecar, and must never inherit its "public".
         self._backends = longest_prefix_first(public_backends)
+        self._memo_of = SnapshotMemo(None)
         self._policy = policy
         self._audit = audit
         self._names = (
@@ -173,14 +219,20 @@ class Gate:
             for n in (*self._names, *(s.encode("ascii") for s in identity.strip))
         )
 
+    def _memo(self, snapshot: PolicySnapshot) -> SnapshotMemo:
+        memo = self._memo_of
+        if memo.snapshot is not snapshot:
+            # A new policy version: everything remembered of the old one is void.
+            memo = self._memo_of = SnapshotMemo(snapshot)
+        return memo
+
     async def admit(self, request: web.BaseRequest, request_id: str) -> Admission:
         admission = Admission(target=request.raw_path)
         snapshot = self._policy.current if self._policy is not None else None
-        if snapshot is not None:
+        memo = self._memo(snapshot) if snapshot is not None else None
+        if snapshot is not None and memo is not None:
             try:
-                normalized, admission.match = snapshot.routes.resolve(
-                    request.method, request.raw_path
-                )
+                normalized, admission.match = memo.resolve(request.method, request.raw_path)
             except PathRejected as exc:
                 admission.outcome = "rejected"
                 raise Refusal(exc.status, "bad_path", exc.reason, admission) from None
@@ -232,14 +284,12 @@ class Gate:
             admission.decision = decide_principal(
                 snapshot.engine, principal.id, principal.roles, backend.resource, action
             )
-        elif snapshot is None:
+        elif snapshot is None or memo is None:
             admission.decision = Decision(True, NO_POLICY)
         elif match is None:
             admission.decision = Decision(False, NO_ROUTE)
         else:
-            admission.decision = decide_principal(
-                snapshot.engine, principal.id, principal.roles, match.resource, match.action
-            )
+            admission.decision = memo.decide(principal, match.resource, match.action)
             source = match.route.sql
             if admission.decision.allowed and source is not None and source.tables is not None:
                 sql = sql_from_query(match.path.query, source.param)
