@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from lineage_sidecar.config import ConfigError, load
 
@@ -40,42 +41,38 @@ def _cmd_api(args: argparse.Namespace) -> int:
 
 
 def _cmd_agent(args: argparse.Namespace) -> int:
-    import asyncio
-    import logging
-
     from agent.agent import run_agent
     from agent.config import AgentProcessConfig
     from lineage_sidecar.config import AGENT_SECTIONS, load_process
 
     config = load_process(args.config, AgentProcessConfig, AGENT_SECTIONS)
     assert isinstance(config, AgentProcessConfig)
-    if args.check:
-        print(f"{args.config}: ok")
-        return 0
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    asyncio.run(run_agent(config))
-    return 0
+    return _serve(args, run_agent(config))
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    import asyncio
-    import logging
-
     from agent.config import IngestProcessConfig
     from agent.ingest import run_ingester
     from lineage_sidecar.config import INGEST_SECTIONS, load_process
 
     config = load_process(args.config, IngestProcessConfig, INGEST_SECTIONS)
     assert isinstance(config, IngestProcessConfig)
+    return _serve(args, run_ingester(config))
+
+
+def _serve(args: argparse.Namespace, service: Coroutine[Any, Any, None]) -> int:
+    """Run an agent-side service until SIGTERM/SIGINT (or only validate with --check)."""
+    import asyncio
+    import logging
+
     if args.check:
+        service.close()
         print(f"{args.config}: ok")
         return 0
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    asyncio.run(run_ingester(config))
+    asyncio.run(service)
     return 0
 
 

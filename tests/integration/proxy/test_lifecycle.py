@@ -124,3 +124,25 @@ def test_check_flag_validates_without_starting(tmp_path: Path) -> None:
     result = run_cli("proxy", "--config", str(config), "--check", cwd=tmp_path)
     assert result.returncode == 0
     assert "ok" in result.stdout
+
+
+def test_agent_and_ingest_read_their_sections_of_one_file(tmp_path: Path) -> None:
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "proxy": {"upstream": "http://127.0.0.1:1"},
+                "agent": {"spool_dir": str(tmp_path / "spool"), "sink": "kafka"},
+                "kafka": {"bootstrap_servers": "127.0.0.1:9092", "topic": "lineage"},
+                "store": {"dsn": "env:LS_PG_DSN"},
+                "ingest": {"group_id": "lineage-ingesters"},
+            }
+        )
+    )
+    for command in ("proxy", "agent", "ingest"):
+        result = run_cli(command, "--config", str(config), "--check", cwd=tmp_path)
+        assert result.returncode == 0, (command, result.stderr)
+    config.write_text(yaml.safe_dump({"agent": {"sink": "carrier-pigeon"}}))
+    result = run_cli("agent", "--config", str(config), "--check", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "agent.sink" in result.stderr
