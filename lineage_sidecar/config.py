@@ -24,6 +24,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 import yaml
@@ -40,6 +41,8 @@ from agent.config import (
 from agent.derive import DeriveConfig
 from proxy.authn.idp.config import IdpConfig
 from proxy.authn.jwt import IssuerConfig
+from proxy.authn.oidc import OidcClientConfig
+from proxy.authn.sessions import SessionConfig
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +265,20 @@ class IdentityHeadersConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_un
     )  # fmt: skip
 
 
+class SessionsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Server-side browser sessions (in Redis when a redis section is set)."""
+
+    signing_keys: Annotated[
+        list[Secret],
+        msgspec.Meta(min_length=1),
+        _doc(
+            "Keys (at least 32 bytes each, file: or env: references) that sign the session "
+            "cookie; the first signs, all verify, so keys rotate by prepending."
+        ),
+    ]
+    cookie: SessionConfig = SessionConfig()
+
+
 class AuthConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Authentication. Present: every request needs a verified identity unless its route is
     public. Absent: requests are forwarded without one (a warning is logged)."""
@@ -279,6 +296,25 @@ class AuthConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
         _doc("Verified tokens kept (until their expiry) so repeats skip the signature check."),
     ] = 10_000
     identity_headers: IdentityHeadersConfig = IdentityHeadersConfig()
+    sessions: Annotated[
+        SessionsConfig | None,
+        _doc("Browser sessions, needed by oidc: a login ends in a session cookie."),
+    ] = None
+    oidc: Annotated[
+        OidcClientConfig | None,
+        _doc(
+            "Browser login at an OIDC provider (authorization code + PKCE). Its endpoints are "
+            "served under the callback URL's path (`.../callback`, `.../start`, "
+            "`.../sign_out`). `client_secret` takes a file: or env: reference."
+        ),
+    ] = None
+    browser_login: Annotated[
+        Literal["oidc"] | None,
+        _doc(
+            "Send browsers (Accept: text/html) without credentials to this login instead of "
+            "answering 401."
+        ),
+    ] = None
     idp: Annotated[
         IdpConfig | None,
         _doc(
@@ -468,6 +504,15 @@ def _check(config: Config) -> None:
         raise ConfigError("proxy.tls: give both cert_file and key_file, or neither for a dev cert")
     if config.policy is not None and config.auth is None:
         raise ConfigError("policy: needs an auth section (policies decide on verified identities)")
+    auth = config.auth
+    if auth is not None and auth.oidc is not None and auth.sessions is None:
+        raise ConfigError("auth.oidc: needs auth.sessions (a login ends in a session)")
+    if auth is not None and auth.browser_login == "oidc" and auth.oidc is None:
+        raise ConfigError("auth.browser_login: oidc is not configured")
+    if auth is not None and auth.oidc is not None:
+        path = urlsplit(auth.oidc.callback_url).path
+        if not path.endswith("/callback") or path == "/callback":
+            raise ConfigError("auth.oidc.callback_url: its path must be <prefix>/callback")
     idp = config.auth.idp if config.auth is not None else None
     if idp is not None and config.proxy.workers > 1 and config.redis is None:
         raise ConfigError(
@@ -613,6 +658,13 @@ def _resolve_issuer_secrets(raw: dict[str, Any]) -> None:
     """`shared_secret: file:/path` or `env:NAME` becomes the secret itself, before the
     issuer's own checks (such as its minimum length) see it."""
     auth = raw.get("auth")
+    oidc = auth.get("oidc") if isinstance(auth, dict) else None
+    secret = oidc.get("client_secret") if isinstance(oidc, dict) else None
+    if isinstance(secret, str) and isinstance(oidc, dict):
+        try:
+            oidc["client_secret"] = _resolve_secret(secret, "auth.oidc.client_secret").value
+        except ValueError as exc:
+            raise ConfigError(f"auth.oidc.client_secret: {exc}") from None
     issuers = auth.get("jwt_issuers") if isinstance(auth, dict) else None
     if not isinstance(issuers, list):
         return

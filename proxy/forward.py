@@ -128,6 +128,14 @@ def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[byte
     return frozenset(tokens)
 
 
+def _without_cookie(value: bytes, prefix: bytes) -> bytes:
+    """The Cookie header without the proxy's own session cookie (`prefix` is `name=`)."""
+    kept = [
+        c for c in (part.strip() for part in value.split(b";")) if c and not c.startswith(prefix)
+    ]
+    return b"; ".join(kept)
+
+
 def _quote_forwarded(node: str) -> str:
     """RFC 7239 node: IPv6 addresses are bracketed and quoted."""
     return f'"[{node}]"' if ":" in node else node
@@ -165,6 +173,8 @@ class Forwarder:
         self._gate = gate
         self._tap = tap
         self._strip = gate.strip if gate is not None else frozenset()
+        cookie = gate.session_cookie if gate is not None else None
+        self._session_cookie = cookie.encode("ascii") + b"=" if cookie else None
         self._excerpt_limit = body_excerpt_bytes if tap is not None else 0
         # Most specific prefix first (the admin API under the identity provider's path).
         self._internal = longest_prefix_first(internal)
@@ -264,6 +274,10 @@ class Forwarder:
                     elif lname == b"x-forwarded-host":
                         prior_host = value
                 continue
+            if lname == b"cookie" and self._session_cookie is not None:
+                value = _without_cookie(value, self._session_cookie)
+                if not value:
+                    continue
             lines += (name, b": ", value, b"\r\n")
         peer_text = peer or "unknown"
         forwarded_for = (

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote
 
 from aiohttp import web
 
@@ -198,7 +198,13 @@ class Gate:
         audit: AuditLog | None,
         identity: IdentityHeadersConfig,
         public_backends: Sequence[InternalBackend] = (),
+        login_path: str | None = None,
+        session_cookie: str | None = None,
     ) -> None:
+        # Browsers without credentials go here (`?rd=<where they were going>`).
+        self._login_path = login_path
+        # Never forwarded upstream: the session id is the proxy's, not the service's.
+        self.session_cookie = session_cookie
         self._auth = auth
         # Longest prefix first: /_sidecar/policy is the admin API, not the identity
         # provider at /_sidecar, and must never inherit its "public".
@@ -270,6 +276,11 @@ class Gate:
         if principal is None:
             admission.outcome = "unauthenticated"
             self._audit_or_refuse(request, request_id, admission, reason="no credentials")
+            if self._login_path is not None and "text/html" in request.headers.get("Accept", ""):
+                location = f"{self._login_path}?rd={quote(admission.target, safe='')}"
+                raise Refusal(
+                    302, "login_required", "sign in first", admission, {"Location": location}
+                )
             raise Refusal(
                 401,
                 "unauthenticated",

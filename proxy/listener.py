@@ -20,7 +20,7 @@ import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import asyncpg
 from aiohttp import web
@@ -36,13 +36,27 @@ from redis.retry import Retry
 from agent.api import SERVER_SETTINGS
 from agent.spool import SpoolBusyError, SpoolOptions, SpoolWriter
 from agent.store.migrate import MigrationError
-from lineage_sidecar.config import ApiConfig, Config, RedisConfig, parse_listen
+from lineage_sidecar.config import (
+    ApiConfig,
+    Config,
+    RedisConfig,
+    SessionsConfig,
+    parse_listen,
+)
 from proxy.accesslog import AccessLog
 from proxy.audit import AuditEntry, AuditLog
-from proxy.authn.chain import AuthChain, BearerJWT
+from proxy.authn.chain import AuthChain, Authenticator, BearerJWT, CookieSession
 from proxy.authn.idp.app import IdentityProvider
 from proxy.authn.idp.config import IdpConfig
 from proxy.authn.idp.events import AuthEvent, LoggingEventSink
+from proxy.authn.oidc import create_oidc_app
+from proxy.authn.sessions import (
+    InProcessSessionStore,
+    RedisSessionStore,
+    SessionAuthenticator,
+    SessionManager,
+    SessionStore,
+)
 from proxy.authz.admin import DEFAULT_CHANNEL as POLICY_CHANNEL
 from proxy.authz.admin import admin_api
 from proxy.authz.store import PolicyLoadError, PolicyStore
@@ -336,6 +350,8 @@ class ProxyWorker:
                 "identity; configure auth and policy before exposing this proxy"
             )
             return
+        if self.config.redis is not None:
+            self.redis = redis_client(self.config.redis)
         if auth.idp is not None:
             await self._start_idp(auth.idp)
         local = [self.idp] if self.idp is not None else []
@@ -346,7 +362,21 @@ class ProxyWorker:
             await self.bearer.start()
         except (OSError, ValueError) as exc:
             raise StartupError(f"auth.jwt_issuers: {exc}") from None
-        chain = AuthChain([self.bearer])
+        authenticators: list[Authenticator] = [self.bearer]
+        login_path = None
+        if auth.sessions is not None:
+            sessions = self._start_sessions(auth.sessions)
+            authenticators.append(CookieSession(SessionAuthenticator(sessions)))
+            if auth.oidc is not None:
+                prefix = urlsplit(auth.oidc.callback_url).path.removesuffix("/callback")
+                root = web.Application()
+                root.add_subapp(prefix, create_oidc_app(auth.oidc, sessions))
+                backend = InternalBackend("oidc-login", prefix, root, public=True)
+                await backend.start(self.config.proxy)
+                self.internal.append(backend)
+                if auth.browser_login == "oidc":
+                    login_path = f"{prefix}/start"
+        chain = AuthChain(authenticators)
         policy = self.config.policy
         if policy is not None:
             self.policy = PolicyStore(
@@ -368,7 +398,21 @@ class ProxyWorker:
             audit=self.audit,
             identity=auth.identity_headers,
             public_backends=self.internal,
+            login_path=login_path,
+            session_cookie=auth.sessions.cookie.cookie_name if auth.sessions else None,
         )
+
+    def _start_sessions(self, config: SessionsConfig) -> SessionManager:
+        store: SessionStore
+        if self.redis is not None:
+            store = RedisSessionStore(self.redis, key_prefix=config.cookie.key_prefix)
+        else:
+            store = InProcessSessionStore()
+        keys = [key.value.encode() for key in config.signing_keys]
+        try:
+            return SessionManager(config.cookie, keys, store)
+        except ValueError as exc:
+            raise StartupError(f"auth.sessions: {exc}") from None
 
     async def _start_policy_admin(self, path: str, policy_file: Path) -> None:
         assert self.policy is not None
@@ -401,9 +445,7 @@ class ProxyWorker:
         self.internal.append(backend)
 
     async def _start_idp(self, config: IdpConfig) -> None:
-        if self.config.redis is not None:
-            self.redis = redis_client(self.config.redis)
-        else:
+        if self.redis is None:
             log.warning(
                 "no redis section: the identity provider keeps sessions, refresh tokens and "
                 "revocations in this process (one worker; lost on restart)"

@@ -21,6 +21,7 @@ from proxy.authn.jwt import (
     validate,
 )
 from proxy.authn.principal import AuthError, Principal
+from proxy.authn.sessions import SessionAuthenticator
 from proxy.authn.tokencache import VerifiedTokenCache
 
 # The request's headers, as the authenticators see them: a case-insensitive mapping.
@@ -113,6 +114,19 @@ class BearerJWT:
         if own is not None and await own.is_revoked(principal):
             raise AuthError("token_revoked", detail="the session of this token has ended")
         return principal
+
+
+class CookieSession:
+    """A browser's session cookie (set at login by the OIDC or SAML endpoints)."""
+
+    def __init__(self, sessions: SessionAuthenticator) -> None:
+        self._sessions = sessions
+
+    async def authenticate(self, headers: Headers) -> Principal | None:
+        cookie = headers.get("Cookie")
+        if cookie is None:
+            return None
+        return await self._sessions.authenticate(cookie)
 
 
 class AuthChain:

@@ -1,0 +1,122 @@
+"""Browser login through the real proxy: a browser without credentials is sent to the
+OIDC provider (a real authlib authorization server), comes back with a session cookie,
+and reaches the data service as the signed-in user; the session cookie never reaches it."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+
+import pytest
+
+from tests.integration.authn.oidc.authserver import CLIENT_ID, CLIENT_SECRET, OidcProvider
+from tests.integration.proxy.conftest import RunningProxy, free_port, run_proxy
+
+
+@pytest.fixture
+def provider(monkeypatch: pytest.MonkeyPatch) -> Iterator[OidcProvider]:
+    """The authorization server on its own event loop, so the test may block freely."""
+    monkeypatch.setenv("AUTHLIB_INSECURE_TRANSPORT", "1")
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = OidcProvider()
+    asyncio.run_coroutine_threadsafe(server.start(), loop).result(15)
+    try:
+        yield server
+    finally:
+        asyncio.run_coroutine_threadsafe(server.close(), loop).result(15)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+
+
+@dataclass
+class Browser:
+    """Follows nothing by itself; keeps cookies for every loopback port, as browsers do."""
+
+    cookies: dict[str, str] = field(default_factory=dict)
+
+    def get(self, url: str, accept: str = "text/html") -> tuple[int, str, bytes]:
+        parts = urlsplit(url)
+        connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=10)
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        headers = {"Accept": accept}
+        if self.cookies:
+            headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+        connection.request("GET", target, headers=headers)
+        response = connection.getresponse()
+        body = response.read()
+        for header in response.headers.get_all("Set-Cookie") or []:
+            name, _, rest = header.partition("=")
+            value = rest.split(";")[0]
+            if "max-age=0" in header.lower():
+                self.cookies.pop(name, None)
+            else:
+                self.cookies[name] = value
+        location = response.headers.get("Location", "")
+        connection.close()
+        return response.status, urljoin(url, location) if location else "", body
+
+
+@pytest.fixture
+def proxy(provider: OidcProvider, echo_upstream: str, tmp_path: Path) -> Iterator[RunningProxy]:
+    port = free_port()
+    callback = f"http://127.0.0.1:{port}/_sidecar/oauth2/callback"
+    provider.register_web_client(callback)
+    auth = {
+        "sessions": {"signing_keys": ["k" * 40]},
+        "oidc": {
+            "issuer": provider.issuer,
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+            "callback_url": callback,
+            "roles_claim": "roles",
+            "allow_insecure_http": True,
+        },
+        "browser_login": "oidc",
+    }
+    with run_proxy(
+        tmp_path, echo_upstream, extra={"auth": auth}, port=port,
+        env={"AUTHLIB_INSECURE_TRANSPORT": "1"},
+    ) as running:  # fmt: skip
+        yield running
+
+
+def test_browser_signs_in_and_reaches_the_service(proxy: RunningProxy) -> None:
+    browser = Browser()
+    status, location, _ = browser.get(f"{proxy.url}/sales/orders.json?x=1")
+    assert status == 302
+    assert location.startswith(f"{proxy.url}/_sidecar/oauth2/start?rd=%2Fsales%2Forders.json")
+    # An API client (no text/html) gets a 401 with a challenge instead.
+    assert Browser().get(f"{proxy.url}/sales/orders.json", accept="application/json")[0] == 401
+    status, location, _ = browser.get(location)  # -> the provider's authorize endpoint
+    assert status == 302
+    status, location, _ = browser.get(location)  # provider approves -> our callback
+    assert status == 302
+    assert location.startswith(f"{proxy.url}/_sidecar/oauth2/callback")
+    status, location, _ = browser.get(location)  # callback -> session -> back where we were
+    assert status == 302, location
+    assert location == f"{proxy.url}/sales/orders.json?x=1"
+    session_cookies = [name for name in browser.cookies if "session" in name]
+    assert session_cookies
+    browser.cookies["theme"] = "dark"
+    status, _, body = browser.get(location)
+    assert status == 200, body
+    seen = json.loads(body)
+    headers = {k.lower(): v for k, v in seen["headers"]}
+    assert headers["x-auth-request-user"] == "alice"
+    assert headers["x-auth-request-roles"] == "analyst"
+    # The upstream sees the service's own cookies, never the proxy's session.
+    assert headers.get("cookie") == "theme=dark"
+
+
+def test_forged_session_cookie_is_not_a_login(proxy: RunningProxy) -> None:
+    browser = Browser(cookies={"__Host-lineage_session": "a" * 43 + "." + "b" * 43})
+    status, _, _ = browser.get(f"{proxy.url}/sales/orders.json", accept="application/json")
+    assert status == 401
