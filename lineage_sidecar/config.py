@@ -40,8 +40,10 @@ from agent.config import (
 )
 from agent.derive import DeriveConfig
 from proxy.authn.idp.config import IdpConfig
+from proxy.authn.introspection import IntrospectionConfig
 from proxy.authn.jwt import IssuerConfig
 from proxy.authn.oidc import OidcClientConfig
+from proxy.authn.saml.config import SamlSpConfig
 from proxy.authn.sessions import SessionConfig
 
 log = logging.getLogger(__name__)
@@ -296,6 +298,13 @@ class AuthConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
         _doc("Verified tokens kept (until their expiry) so repeats skip the signature check."),
     ] = 10_000
     identity_headers: IdentityHeadersConfig = IdentityHeadersConfig()
+    introspection: Annotated[
+        list[IntrospectionConfig],
+        _doc(
+            "RFC 7662 introspection for opaque (non-JWT) bearer tokens, one entry per "
+            "authorization server, asked in order. `client_secret` takes file:/env:."
+        ),
+    ] = []
     sessions: Annotated[
         SessionsConfig | None,
         _doc("Browser sessions, needed by oidc: a login ends in a session cookie."),
@@ -308,8 +317,16 @@ class AuthConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
             "`.../sign_out`). `client_secret` takes a file: or env: reference."
         ),
     ] = None
+    saml: Annotated[
+        SamlSpConfig | None,
+        _doc(
+            "SAML 2.0 service provider (SP-initiated login, signed assertions required); its "
+            "endpoints are served under the ACS URL's path (`.../login`, `.../acs`, "
+            "`.../metadata`). A login ends in a session, so it needs auth.sessions."
+        ),
+    ] = None
     browser_login: Annotated[
-        Literal["oidc"] | None,
+        Literal["oidc", "saml"] | None,
         _doc(
             "Send browsers (Accept: text/html) without credentials to this login instead of "
             "answering 401."
@@ -507,8 +524,11 @@ def _check(config: Config) -> None:
     auth = config.auth
     if auth is not None and auth.oidc is not None and auth.sessions is None:
         raise ConfigError("auth.oidc: needs auth.sessions (a login ends in a session)")
-    if auth is not None and auth.browser_login == "oidc" and auth.oidc is None:
-        raise ConfigError("auth.browser_login: oidc is not configured")
+    if auth is not None and auth.saml is not None and auth.sessions is None:
+        raise ConfigError("auth.saml: needs auth.sessions (a login ends in a session)")
+    login = auth.browser_login if auth is not None else None
+    if auth is not None and login is not None and getattr(auth, login) is None:
+        raise ConfigError(f"auth.browser_login: {login} is not configured")
     if auth is not None and auth.oidc is not None:
         path = urlsplit(auth.oidc.callback_url).path
         if not path.endswith("/callback") or path == "/callback":
@@ -665,6 +685,15 @@ def _resolve_issuer_secrets(raw: dict[str, Any]) -> None:
             oidc["client_secret"] = _resolve_secret(secret, "auth.oidc.client_secret").value
         except ValueError as exc:
             raise ConfigError(f"auth.oidc.client_secret: {exc}") from None
+    servers = auth.get("introspection") if isinstance(auth, dict) else None
+    for index, server in enumerate(servers if isinstance(servers, list) else []):
+        secret = server.get("client_secret") if isinstance(server, dict) else None
+        if isinstance(secret, str) and isinstance(server, dict):
+            field = f"auth.introspection[{index}].client_secret"
+            try:
+                server["client_secret"] = _resolve_secret(secret, field).value
+            except ValueError as exc:
+                raise ConfigError(f"{field}: {exc}") from None
     issuers = auth.get("jwt_issuers") if isinstance(auth, dict) else None
     if not isinstance(issuers, list):
         return

@@ -198,11 +198,11 @@ class Gate:
         audit: AuditLog | None,
         identity: IdentityHeadersConfig,
         public_backends: Sequence[InternalBackend] = (),
-        login_path: str | None = None,
+        login_url: str | None = None,
         session_cookie: str | None = None,
     ) -> None:
-        # Browsers without credentials go here (`?rd=<where they were going>`).
-        self._login_path = login_path
+        # Browsers without credentials go here, their target appended (`...?rd=`).
+        self._login_url = login_url
         # Never forwarded upstream: the session id is the proxy's, not the service's.
         self.session_cookie = session_cookie
         self._auth = auth
@@ -276,8 +276,8 @@ class Gate:
         if principal is None:
             admission.outcome = "unauthenticated"
             self._audit_or_refuse(request, request_id, admission, reason="no credentials")
-            if self._login_path is not None and "text/html" in request.headers.get("Accept", ""):
-                location = f"{self._login_path}?rd={quote(admission.target, safe='')}"
+            if self._login_url is not None and "text/html" in request.headers.get("Accept", ""):
+                location = self._login_url + quote(admission.target, safe="")
                 raise Refusal(
                     302, "login_required", "sign in first", admission, {"Location": location}
                 )

@@ -45,11 +45,22 @@ from lineage_sidecar.config import (
 )
 from proxy.accesslog import AccessLog
 from proxy.audit import AuditEntry, AuditLog
-from proxy.authn.chain import AuthChain, Authenticator, BearerJWT, CookieSession
+from proxy.authn.chain import AuthChain, Authenticator, BearerJWT, CookieSession, OpaqueBearer
 from proxy.authn.idp.app import IdentityProvider
 from proxy.authn.idp.config import IdpConfig
 from proxy.authn.idp.events import AuthEvent, LoggingEventSink
+from proxy.authn.introspection import TokenIntrospector
 from proxy.authn.oidc import create_oidc_app
+from proxy.authn.principal import Principal
+from proxy.authn.saml import (
+    InProcessSamlStore,
+    RedisSamlStore,
+    SamlConfigError,
+    SamlSpConfig,
+    SamlStateStore,
+    ServiceProvider,
+    saml_app,
+)
 from proxy.authn.sessions import (
     InProcessSessionStore,
     RedisSessionStore,
@@ -257,6 +268,7 @@ class ProxyWorker:
         self.idp: IdentityProvider | None = None
         self.redis: Redis | None = None
         self.internal: list[InternalBackend] = []
+        self.introspectors: list[TokenIntrospector] = []
         self.internal_default: InternalBackend | None = None
         self.api_pool: asyncpg.Pool | None = None
         self.ssl_context: ssl.SSLContext | None = None
@@ -356,14 +368,22 @@ class ProxyWorker:
             await self._start_idp(auth.idp)
         local = [self.idp] if self.idp is not None else []
         self.bearer = BearerJWT(
-            auth.jwt_issuers, cache_entries=auth.token_cache_entries, local=local
+            auth.jwt_issuers,
+            cache_entries=auth.token_cache_entries,
+            local=local,
+            opaque_elsewhere=bool(auth.introspection),
         )
         try:
             await self.bearer.start()
         except (OSError, ValueError) as exc:
             raise StartupError(f"auth.jwt_issuers: {exc}") from None
         authenticators: list[Authenticator] = [self.bearer]
-        login_path = None
+        if auth.introspection:
+            self.introspectors = [TokenIntrospector(server) for server in auth.introspection]
+            for introspector in self.introspectors:
+                await introspector.start()
+            authenticators.append(OpaqueBearer(self.introspectors))
+        login_url = None
         if auth.sessions is not None:
             sessions = self._start_sessions(auth.sessions)
             authenticators.append(CookieSession(SessionAuthenticator(sessions)))
@@ -375,7 +395,11 @@ class ProxyWorker:
                 await backend.start(self.config.proxy)
                 self.internal.append(backend)
                 if auth.browser_login == "oidc":
-                    login_path = f"{prefix}/start"
+                    login_url = f"{prefix}/start?rd="
+            if auth.saml is not None:
+                prefix = await self._start_saml(auth.saml, sessions)
+                if auth.browser_login == "saml":
+                    login_url = f"{prefix}/login?return_to="
         chain = AuthChain(authenticators)
         policy = self.config.policy
         if policy is not None:
@@ -398,9 +422,34 @@ class ProxyWorker:
             audit=self.audit,
             identity=auth.identity_headers,
             public_backends=self.internal,
-            login_path=login_path,
+            login_url=login_url,
             session_cookie=auth.sessions.cookie.cookie_name if auth.sessions else None,
         )
+
+    async def _start_saml(self, config: SamlSpConfig, sessions: SessionManager) -> str:
+        try:
+            provider = await asyncio.get_running_loop().run_in_executor(
+                None, ServiceProvider.load, config
+            )
+        except SamlConfigError as exc:
+            raise StartupError(f"auth.saml: {exc}") from None
+        store: SamlStateStore = (
+            RedisSamlStore(self.redis) if self.redis is not None else InProcessSamlStore()
+        )
+
+        async def on_login(principal: Principal, return_to: str) -> web.StreamResponse:
+            cookie = await sessions.create(principal)
+            return web.Response(
+                status=302,
+                headers={"Location": return_to, "Set-Cookie": sessions.set_cookie_header(cookie)},
+            )
+
+        root = web.Application()
+        root.add_subapp(provider.mount_prefix, saml_app(provider, store, on_login))
+        backend = InternalBackend("saml-login", provider.mount_prefix, root, public=True)
+        await backend.start(self.config.proxy)
+        self.internal.append(backend)
+        return provider.mount_prefix
 
     def _start_sessions(self, config: SessionsConfig) -> SessionManager:
         store: SessionStore
@@ -552,6 +601,8 @@ class ProxyWorker:
             await self.spool.aclose()
         if self.bearer is not None:
             await self.bearer.close()
+        for introspector in self.introspectors:
+            await introspector.close()
         for backend in self.internal:
             await backend.stop()
         if self.internal_default is not None:

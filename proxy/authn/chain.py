@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
+from proxy.authn.introspection import TokenIntrospector
 from proxy.authn.jwks import JwksCache
 from proxy.authn.jwt import (
     IssuerConfig,
@@ -68,7 +69,11 @@ class BearerJWT:
         *,
         cache_entries: int,
         local: Sequence[LocalIssuer] = (),
+        opaque_elsewhere: bool = False,
     ) -> None:
+        # With introspection configured, a bearer token that is not JWT-shaped is left to
+        # it (None here) instead of being refused as a malformed JWT.
+        self._opaque_elsewhere = opaque_elsewhere
         self._local = {own.issuer_config.issuer: own for own in local}
         self.remote_issuers = TrustedIssuers(issuers)
         self.issuers = TrustedIssuers([*issuers, *(own.issuer_config for own in local)])
@@ -98,6 +103,8 @@ class BearerJWT:
             # aiohttp hands non-UTF-8 header bytes over as surrogate escapes; a token is
             # base64url text, so anything else is refused before it is hashed or parsed.
             raise AuthError("invalid_token", detail="bearer token is not ASCII")
+        if self._opaque_elsewhere and token.count(".") != 2:
+            return None
         principal = self.cache.get(token, self._scope) if self._use_cache else None
         if principal is None:
             try:
@@ -114,6 +121,30 @@ class BearerJWT:
         if own is not None and await own.is_revoked(principal):
             raise AuthError("token_revoked", detail="the session of this token has ended")
         return principal
+
+
+class OpaqueBearer:
+    """`Authorization: Bearer <opaque token>` checked by RFC 7662 introspection at each
+    configured authorization server in turn (the first that knows the token wins)."""
+
+    def __init__(self, introspectors: Sequence[TokenIntrospector]) -> None:
+        self._introspectors = tuple(introspectors)
+
+    async def authenticate(self, headers: Headers) -> Principal | None:
+        scheme, _, token = headers.get("Authorization", "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token or token.count(".") == 2:
+            return None
+        refusal: AuthError | None = None
+        for introspector in self._introspectors:
+            try:
+                return await introspector.authenticate(token)
+            except AuthError as exc:
+                # Unavailable (503) wins over "not ours" (401): fail closed, say why.
+                if refusal is None or exc.status > refusal.status:
+                    refusal = exc
+        assert refusal is not None
+        raise refusal
 
 
 class CookieSession:

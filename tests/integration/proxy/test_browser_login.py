@@ -11,12 +11,22 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlencode, urljoin, urlsplit
 
 import pytest
 
-from tests.integration.authn.oidc.authserver import CLIENT_ID, CLIENT_SECRET, OidcProvider
+from tests.integration.authn.oidc.authserver import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    RESOURCE_CLIENT_ID,
+    RESOURCE_CLIENT_SECRET,
+    OidcProvider,
+)
+from tests.integration.authn.saml.idp import IdentityProvider as SamlIdentityProvider
+from tests.integration.authn.saml.idp import make_keypair, post_body
 from tests.integration.proxy.conftest import RunningProxy, free_port, run_proxy
+
+IDP_ENTITY = "https://idp.test/idp"
 
 
 @pytest.fixture
@@ -42,11 +52,15 @@ class Browser:
 
     cookies: dict[str, str] = field(default_factory=dict)
 
-    def get(self, url: str, accept: str = "text/html") -> tuple[int, str, bytes]:
+    def get(
+        self, url: str, accept: str = "text/html", authorization: str | None = None
+    ) -> tuple[int, str, bytes]:
         parts = urlsplit(url)
         connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=10)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         headers = {"Accept": accept}
+        if authorization is not None:
+            headers["Authorization"] = authorization
         if self.cookies:
             headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
         connection.request("GET", target, headers=headers)
@@ -120,3 +134,104 @@ def test_forged_session_cookie_is_not_a_login(proxy: RunningProxy) -> None:
     browser = Browser(cookies={"__Host-lineage_session": "a" * 43 + "." + "b" * 43})
     status, _, _ = browser.get(f"{proxy.url}/sales/orders.json", accept="application/json")
     assert status == 401
+
+
+def test_saml_login_through_the_proxy(echo_upstream: str, tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    idp = SamlIdentityProvider(tmp_path, IDP_ENTITY, make_keypair(keys, "idp"))
+    sp = make_keypair(keys, "sp")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/_sidecar/saml"
+    auth = {
+        "sessions": {"signing_keys": ["k" * 40]},
+        "saml": {
+            "entity_id": f"{base}/metadata",
+            "acs_url": f"{base}/acs",
+            "metadata_url": f"{base}/metadata",
+            "idp_entity_id": IDP_ENTITY,
+            "idp_metadata_file": str(idp.metadata_file),
+            "sp_key_file": sp.key_file,
+            "sp_cert_file": sp.cert_file,
+            "cookie_secure": False,
+            "role_mappings": [{"attribute": "groups", "copy_values": True}],
+        },
+        "browser_login": "saml",
+    }
+    with run_proxy(tmp_path / "proxy", echo_upstream, extra={"auth": auth}, port=port) as proxy:
+        browser = Browser()
+        status, _, metadata = browser.get(f"{base}/metadata", accept="application/xml")
+        assert status == 200
+        idp.trust_sp(metadata)
+        status, location, _ = browser.get(f"{proxy.url}/sales/orders.json")
+        assert status == 302
+        assert location.startswith(f"{base}/login?return_to=%2Fsales%2Forders.json")
+        status, location, _ = browser.get(location)  # -> the IdP, with a signed AuthnRequest
+        assert status == 302
+        seen = idp.receive(location)
+        answer = idp.respond(seen, attributes={"groups": ["analyst"]})
+        form = urlencode(post_body(answer)).encode()
+        cookies = "; ".join(f"{k}={v}" for k, v in browser.cookies.items())
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request(
+            "POST", "/_sidecar/saml/acs", body=form,
+            headers={"Content-Type": "application/x-www-form-urlencoded", "Cookie": cookies},
+        )  # fmt: skip
+        response = connection.getresponse()
+        response.read()
+        assert response.status == 302
+        assert response.headers["Location"] == "/sales/orders.json"
+        for header in response.headers.get_all("Set-Cookie") or []:
+            name, _, rest = header.partition("=")
+            browser.cookies[name] = rest.split(";")[0]
+        connection.close()
+        status, _, body = browser.get(f"{proxy.url}/sales/orders.json")
+        assert status == 200, body
+        headers = {k.lower(): v for k, v in json.loads(body)["headers"]}
+        assert headers["x-auth-request-user"] == "alice@corp.example"
+        assert headers["x-auth-request-roles"] == "analyst"
+        # The same response again is a replay: refused, no second session.
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request(
+            "POST", "/_sidecar/saml/acs", body=form,
+            headers={"Content-Type": "application/x-www-form-urlencoded", "Cookie": cookies},
+        )  # fmt: skip
+        replay = connection.getresponse()
+        replay.read()
+        connection.close()
+        assert replay.status in (400, 401)
+
+
+def test_opaque_tokens_are_introspected(
+    provider: OidcProvider, echo_upstream: str, tmp_path: Path
+) -> None:
+    provider.register_web_client("https://unused.example/cb")
+    auth = {
+        "introspection": [
+            {
+                "issuer": provider.issuer,
+                "endpoint": provider.issuer + "/introspect",
+                "client_id": RESOURCE_CLIENT_ID,
+                "client_secret": RESOURCE_CLIENT_SECRET,
+                "audiences": [RESOURCE_CLIENT_ID],
+                "roles_claim": "roles",
+                "allow_insecure_http": True,
+            }
+        ]
+    }
+    with run_proxy(
+        tmp_path, echo_upstream, extra={"auth": auth}, env={"AUTHLIB_INSECURE_TRANSPORT": "1"}
+    ) as proxy:
+        token = provider.issue_access_token()
+        status, _, body = Browser().get(
+            f"{proxy.url}/x", accept="application/json", authorization=f"Bearer {token}"
+        )
+        assert status == 200, body
+        headers = {k.lower(): v for k, v in json.loads(body)["headers"]}
+        assert headers["x-auth-request-user"] == "alice"
+        status, _, _ = Browser().get(
+            f"{proxy.url}/x",
+            accept="application/json",
+            authorization="Bearer not-a-token-we-issued",
+        )
+        assert status == 401
