@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import parse_qs, quote
 
 from aiohttp import web
@@ -43,7 +43,6 @@ class Admission:
     decision: Decision | None = None
     outcome: str = "none"  # allow | deny | unauthenticated | rejected | none
     identity: bytes = b""
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 class Refusal(Exception):
