@@ -122,7 +122,8 @@ class ClientError(Exception):
 def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
     tokens: set[bytes] = set()
     for name, value in headers:
-        if name.lower() == b"connection":
+        # Length first: a cheap filter before lower-casing every header name.
+        if len(name) == 10 and name.lower() == b"connection":
             tokens.update(t.strip().lower() for t in value.split(b","))
     tokens.discard(b"")
     return frozenset(tokens)
@@ -247,7 +248,9 @@ class Forwarder:
 
         peer = request.remote
         trusted = self._is_trusted(peer)
-        dropped = _connection_tokens(raw_headers)
+        dropped = (
+            _connection_tokens(raw_headers) if "Connection" in request.headers else frozenset()
+        )
         lines: list[bytes] = [
             request.method.encode("ascii"), b" ",
             self._base_path if base_path is None else base_path, target.encode("ascii"),
