@@ -20,6 +20,7 @@ import signal
 import socket
 import tempfile
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 
 import uvloop
 from aiohttp import web
@@ -28,6 +29,7 @@ from prometheus_client import multiprocess as prom_multiprocess
 
 from lineage_sidecar.config import Config, parse_listen, parse_upstream
 from proxy.admin import ReadinessCheck, TCPProbe, admin_app
+from proxy.authz.store import PolicyLoadError, load_snapshot
 from proxy.listener import ProxyWorker, StartupError, bind_sockets
 from proxy.metrics import ProxyMetrics
 from proxy.tls import CertificatePaths, resolve_paths
@@ -245,6 +247,17 @@ def run(config: Config) -> None:
     if config.proxy.workers == 1:
         uvloop.run(_serve_single(config))
         return
+    if config.policy is not None:
+        # Workers load the policy themselves; check it here first, so a broken policy
+        # stops the command with one line instead of workers dying and being restarted.
+        try:
+            load_snapshot(
+                Path(config.policy.model),
+                [Path(p) for p in config.policy.policies],
+                Path(config.policy.routes),
+            )
+        except PolicyLoadError as exc:
+            raise StartupError(f"policy: {exc}") from None
     metrics_dir = tempfile.mkdtemp(prefix="lineage-sidecar-metrics-")
     # Must be in the environment before prometheus_client is imported by the workers.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir

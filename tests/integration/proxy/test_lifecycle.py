@@ -146,3 +146,33 @@ def test_agent_and_ingest_read_their_sections_of_one_file(tmp_path: Path) -> Non
     result = run_cli("agent", "--config", str(config), "--check", cwd=tmp_path)
     assert result.returncode == 2
     assert "agent.sink" in result.stderr
+
+
+def test_broken_policy_stops_a_multi_worker_proxy_with_one_line(tmp_path: Path) -> None:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    repo = Path(__file__).resolve().parents[3] / "policies"
+    (policies / "model.conf").write_text((repo / "model.conf").read_text())
+    (policies / "routes.yaml").write_text((repo / "routes.yaml").read_text())
+    (policies / "policy.csv").write_text("p, analyst, dataset:sales.*\n")  # missing columns
+    config = tmp_path / "proxy.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "proxy": {"upstream": "http://127.0.0.1:1", "listen": "127.0.0.1:0", "workers": 2},
+                "admin": {"listen": "127.0.0.1:0"},
+                "auth": {"jwt_issuers": []},
+                "policy": {
+                    "model": str(policies / "model.conf"),
+                    "policies": [str(policies / "policy.csv")],
+                    "routes": str(policies / "routes.yaml"),
+                    "audit_log": str(tmp_path / "audit.jsonl"),
+                },
+            }
+        )
+    )
+    result = run_cli("proxy", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("lineage-sidecar: policy: ")
+    assert "policy.csv:1" in last
