@@ -26,9 +26,9 @@ What it promises:
 - SIGTERM: stop reading, send what was derived, checkpoint, commit, close. Open runs stay
   open in the checkpoint (unless `complete_runs_on_stop`).
 
-The checkpoint is a pickle: the deriver's state has no serialized form of its own. It is
-the agent's own file, 0600 beside the spool, and is refused unless this user owns it and
-no one else may write it.
+The checkpoint is plain msgpack (the deriver's open runs, `Deriver.snapshot`), so reading
+it runs no code. It is the agent's own file, 0600 beside the spool, and is refused unless
+this user owns it and no one else may write it: it decides which records a restart skips.
 
 Counters (`events_derived`, `batches_sent`, `send_failures`, `lag_bytes`, ...) are plain
 attributes for the metrics endpoint.
@@ -41,7 +41,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import pickle
 import re
 import signal
 import stat
@@ -67,7 +66,7 @@ from agent.store.writer import StoreError, StoreWriter
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "agent.checkpoint"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 REJECTED_DIR = "rejected"
 WORKER_SPOOL = re.compile(r"^w\d+$")
 
@@ -108,22 +107,34 @@ def records_to_skip(
     return None
 
 
+class _CheckpointFile(msgspec.Struct, frozen=True):
+    """The checkpoint on disk: plain msgpack data, so reading it runs no code."""
+
+    format: int
+    # The exact derivation settings the open runs were made under.
+    derive_config: bytes
+    # spool directory name -> (before, after) positions, before None at a spool's start.
+    marks: dict[str, tuple[tuple[int, int] | None, tuple[int, int]]]
+    runs: bytes
+
+
 def save_checkpoint(
     path: Path, deriver: Deriver, derive_config: DeriveConfig, marks: dict[str, CommitMark]
 ) -> None:
     """Write the checkpoint atomically and durably (temp file, fsync, rename)."""
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        # Pickled only with the exact configuration it was made under: open runs made
-        # under other rules must not continue under new ones.
-        "derive_config": msgspec.json.encode(derive_config),
-        "marks": {
-            name: (None if mark.before is None else tuple(mark.before), tuple(mark.after))
+    state = _CheckpointFile(
+        format=CHECKPOINT_FORMAT,
+        derive_config=msgspec.json.encode(derive_config),
+        marks={
+            name: (
+                None if mark.before is None else (mark.before.segment, mark.before.offset),
+                (mark.after.segment, mark.after.offset),
+            )
             for name, mark in marks.items()
         },
-        "deriver": deriver,
-    }
-    data = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+        runs=deriver.snapshot(),
+    )
+    data = msgspec.msgpack.encode(state)
     temp = path.with_name(f".{path.name}.tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -142,11 +153,9 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: Path, derive_config: DeriveConfig) -> Checkpoint | None:
-    """The saved checkpoint, None when there is none or it was made under another config.
-
-    The file is unpickled, so it is only read when this user owns it and no one else can
-    write it: it is the agent's own state, next to the spool it already trusts.
-    """
+    """The saved checkpoint, None when there is none; a fresh deriver (same marks) when it
+    was made under other derivation settings. Refused unless this user owns the file and no
+    one else can write it: it decides which spool records are skipped on restart."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
@@ -162,30 +171,26 @@ def load_checkpoint(path: Path, derive_config: DeriveConfig) -> Checkpoint | Non
     finally:
         os.close(fd)
     try:
-        state = pickle.loads(data)  # noqa: S301 - own file, checked above
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{path}: unknown checkpoint format")
-        deriver = state["deriver"]
-        if not isinstance(deriver, Deriver):
-            raise CheckpointError(f"{path}: no deriver state in the checkpoint")
+        state = msgspec.msgpack.decode(data, type=_CheckpointFile)
+        if state.format != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{path}: unknown checkpoint format {state.format}")
         marks = {
-            str(name): CommitMark(
-                None if before is None else SpoolPosition(*map(int, before)),
-                SpoolPosition(*map(int, after)),
+            name: CommitMark(
+                None if before is None else SpoolPosition(*before), SpoolPosition(*after)
             )
-            for name, (before, after) in state["marks"].items()
+            for name, (before, after) in state.marks.items()
         }
-    except CheckpointError:
-        raise
-    except Exception as exc:
+        deriver = Deriver(derive_config)
+        if state.derive_config == msgspec.json.encode(derive_config):
+            deriver.restore(state.runs)
+        else:
+            log.warning(
+                "%s: derivation settings changed; open runs start afresh (their requests so "
+                "far stay in the store, later ones form new runs)",
+                path,
+            )
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise CheckpointError(f"{path}: unreadable checkpoint: {exc}") from exc
-    if state["derive_config"] != msgspec.json.encode(derive_config):
-        log.warning(
-            "%s: derivation settings changed; open runs start afresh (their requests so "
-            "far stay in the store, later ones form new runs)",
-            path,
-        )
-        return Checkpoint(Deriver(derive_config), marks)
     return Checkpoint(deriver, marks)
 
 

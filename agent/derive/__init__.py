@@ -38,6 +38,13 @@ class Deriver:
     def open_runs(self) -> int:
         return self._runs.open_runs
 
+    def snapshot(self) -> bytes:
+        """The deriver's only state, its open runs, as bytes (see `RunCorrelator.snapshot`)."""
+        return self._runs.snapshot()
+
+    def restore(self, data: bytes) -> None:
+        self._runs.restore(data)
+
     def feed(self, record: CaptureRecord) -> list[LineageEvent]:
         """Access events for this record, then the run events it made due."""
         record = redact_record(record, self._config.redaction)

@@ -126,6 +126,29 @@ class _OpenRun:
     sql_problems: list[UnparsedSql] = field(default_factory=list)
 
 
+class _RunState(msgspec.Struct, frozen=True, array_like=True):
+    """One open run as a checkpoint stores it (plain data: decoding runs no code)."""
+
+    key: str
+    run_id: uuid.UUID
+    job_name: str
+    started_ns: int
+    last_activity_ns: int
+    requests: int
+    failed_requests: int
+    truncated: bool
+    inputs: list[DatasetRef]
+    outputs: list[DatasetRef]
+    columns: list[ColumnLink]
+    sql_problems: list[UnparsedSql]
+
+
+class _CorrelatorState(msgspec.Struct, frozen=True):
+    clock_ns: int
+    # Least recently active first, as the correlator keeps them.
+    runs: list[_RunState]
+
+
 class RunCorrelator:
     """Feed it records in arrival order; it returns the run events that are due."""
 
@@ -139,6 +162,52 @@ class RunCorrelator:
     @property
     def open_runs(self) -> int:
         return len(self._open)
+
+    def snapshot(self) -> bytes:
+        """The open runs as bytes (msgpack), for a checkpoint; `restore` reads them back."""
+        runs = [
+            _RunState(
+                key=run.key,
+                run_id=run.run_id,
+                job_name=run.job_name,
+                started_ns=run.started_ns,
+                last_activity_ns=run.last_activity_ns,
+                requests=run.requests,
+                failed_requests=run.failed_requests,
+                truncated=run.truncated,
+                inputs=list(run.inputs),
+                outputs=list(run.outputs),
+                columns=list(run.columns),
+                sql_problems=list(run.sql_problems),
+            )
+            for run in self._open.values()
+        ]
+        return msgspec.msgpack.encode(_CorrelatorState(clock_ns=self._clock_ns, runs=runs))
+
+    def restore(self, data: bytes) -> None:
+        """Replace the open runs with a snapshot's; raises msgspec errors on bad data."""
+        state = msgspec.msgpack.decode(data, type=_CorrelatorState)
+        self._open = OrderedDict(
+            (
+                run.key,
+                _OpenRun(
+                    key=run.key,
+                    run_id=run.run_id,
+                    job_name=run.job_name,
+                    started_ns=run.started_ns,
+                    last_activity_ns=run.last_activity_ns,
+                    requests=run.requests,
+                    failed_requests=run.failed_requests,
+                    truncated=run.truncated,
+                    inputs=dict.fromkeys(run.inputs),
+                    outputs=dict.fromkeys(run.outputs),
+                    columns=dict.fromkeys(run.columns),
+                    sql_problems=list(run.sql_problems),
+                ),
+            )
+            for run in state.runs
+        )
+        self._clock_ns = state.clock_ns
 
     def feed(self, record: CaptureRecord, lineage: RequestLineage) -> list[RunEvent]:
         events: list[RunEvent] = []

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import string
 
+import msgspec
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -139,3 +141,37 @@ def test_any_records_derive_without_raising(records: list[CaptureRecord]) -> Non
     deriver.tick(2**70)
     assert deriver.flush() == []
     assert deriver.open_runs == 0
+
+
+def test_snapshot_restores_open_runs_exactly() -> None:
+    traced = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    records = [
+        make_record(
+            f"r{i}",
+            traceparent=traced,
+            resource=resource,
+            action=action,
+            sql="insert into report select * from orders" if i == 2 else None,
+        )
+        for i, (resource, action) in enumerate(
+            [
+                ("dataset:sales.orders", "read"),
+                ("dataset:sales.customers", "read"),
+                ("database:sales", "write"),
+            ]
+        )
+    ]
+    original = Deriver()
+    for record in records:
+        original.feed(record)
+    assert original.open_runs == 1
+    copy = Deriver()
+    copy.restore(original.snapshot())
+    assert copy.open_runs == 1
+    assert copy.snapshot() == original.snapshot()
+    assert copy.flush() == original.flush()
+
+
+def test_garbage_snapshot_is_refused() -> None:
+    with pytest.raises((msgspec.DecodeError, msgspec.ValidationError)):
+        Deriver().restore(b"\x93garbage")
