@@ -69,10 +69,20 @@ def _serve(args: argparse.Namespace, service: Coroutine[Any, Any, None]) -> int:
         service.close()
         print(f"{args.config}: ok")
         return 0
+    from agent.keys import KeyProviderError
+    from agent.sink import SinkError
+    from agent.store.writer import StoreError
+
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    asyncio.run(service)
+    try:
+        asyncio.run(service)
+    except (KeyProviderError, StoreError, SinkError) as exc:
+        # Start-up failures an operator fixes (a DSN or key reference that does not
+        # resolve, a store that refuses the connection) end with one line.
+        print(f"lineage-sidecar: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

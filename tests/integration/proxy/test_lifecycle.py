@@ -176,3 +176,23 @@ def test_broken_policy_stops_a_multi_worker_proxy_with_one_line(tmp_path: Path) 
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("lineage-sidecar: policy: ")
     assert "policy.csv:1" in last
+
+
+def test_agent_with_an_unresolvable_store_reference_is_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "agent": {"spool_dir": str(tmp_path / "spool"), "sink": "direct"},
+                "store": {"dsn": "env:LINEAGE_TEST_NO_SUCH_VARIABLE"},
+            }
+        )
+    )
+    result = run_cli("agent", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert (
+        lines[-1]
+        == "lineage-sidecar: environment variable 'LINEAGE_TEST_NO_SUCH_VARIABLE' is not set"
+    )
+    assert "Traceback" not in result.stderr
