@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from lineage_sidecar.config import ConfigError, load
@@ -18,18 +18,7 @@ EXIT_CONFIG = 2
 
 def _cmd_proxy(args: argparse.Namespace) -> int:
     config = load(args.config)
-    if args.check:
-        print(f"{args.config}: ok")
-        return 0
-    from proxy.supervisor import run
-
-    run(config)
-    return 0
-
-
-def _cmd_api(args: argparse.Namespace) -> int:
-    config = load(args.config)
-    if config.api is None:
+    if args.command == "api" and config.api is None:
         raise ConfigError(f"{args.config}: api: section required for 'lineage-sidecar api'")
     if args.check:
         print(f"{args.config}: ok")
@@ -142,54 +131,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    proxy = commands.add_parser(
+    def service(
+        name: str,
+        func: Callable[[argparse.Namespace], int],
+        help: str,
+        description: str,
+        config: str,
+    ) -> None:
+        command = commands.add_parser(name, help=help, description=description)
+        command.add_argument("--config", required=True, help=config)
+        command.add_argument(
+            "--check", action="store_true", help="validate the configuration and exit"
+        )
+        command.set_defaults(func=func)
+
+    service(
         "proxy",
-        help="run the TLS reverse proxy in front of a data service",
-        description="Run the proxy until SIGINT/SIGTERM, which drain in-flight requests.",
+        _cmd_proxy,
+        "run the TLS reverse proxy in front of a data service",
+        "Run the proxy until SIGINT/SIGTERM, which drain in-flight requests.",
+        "YAML configuration file",
     )
-    proxy.add_argument("--config", required=True, help="YAML configuration file")
-    proxy.add_argument("--check", action="store_true", help="validate the configuration and exit")
-    proxy.set_defaults(func=_cmd_proxy)
-
-    agent = commands.add_parser(
+    service(
         "agent",
-        help="turn the proxy's capture spool into lineage and ship it (Kafka or direct)",
-        description=(
-            "Tail the spool, derive OpenLineage events, encrypt and send them; the spool "
-            "position advances only after the sink acknowledged. SIGTERM stops cleanly."
-        ),
+        _cmd_agent,
+        "turn the proxy's capture spool into lineage and ship it (Kafka or direct)",
+        "Tail the spool, derive OpenLineage events, encrypt and send them; the spool "
+        "position advances only after the sink acknowledged. SIGTERM stops cleanly.",
+        "YAML file (sections agent, derive, kafka, keys, store)",
     )
-    agent.add_argument(
-        "--config", required=True, help="YAML file (sections agent, derive, kafka, keys, store)"
-    )
-    agent.add_argument("--check", action="store_true", help="validate the configuration and exit")
-    agent.set_defaults(func=_cmd_agent)
-
-    ingest = commands.add_parser(
+    service(
         "ingest",
-        help="consume lineage from Kafka into PostgreSQL",
-        description=(
-            "Consumer group: decrypt, write in batches, commit offsets after the database; "
-            "unreadable messages go to the dead-letter table."
-        ),
+        _cmd_ingest,
+        "consume lineage from Kafka into PostgreSQL",
+        "Consumer group: decrypt, write in batches, commit offsets after the database; "
+        "unreadable messages go to the dead-letter table.",
+        "YAML file (sections ingest, kafka, keys, store)",
     )
-    ingest.add_argument(
-        "--config", required=True, help="YAML file (sections ingest, kafka, keys, store)"
-    )
-    ingest.add_argument("--check", action="store_true", help="validate the configuration and exit")
-    ingest.set_defaults(func=_cmd_ingest)
-
-    api = commands.add_parser(
+    service(
         "api",
-        help="serve the lineage API behind the proxy's authentication and policies",
-        description=(
-            "Run a proxy whose only backend is the lineage API (config: proxy without "
-            "upstream, auth, policy, api.store_dsn)."
-        ),
+        _cmd_proxy,
+        "serve the lineage API behind the proxy's authentication and policies",
+        "Run a proxy whose only backend is the lineage API (config: proxy without "
+        "upstream, auth, policy, api.store_dsn).",
+        "YAML configuration file",
     )
-    api.add_argument("--config", required=True, help="YAML configuration file")
-    api.add_argument("--check", action="store_true", help="validate the configuration and exit")
-    api.set_defaults(func=_cmd_api)
 
     demo = commands.add_parser(
         "demo",
