@@ -364,7 +364,7 @@ class Forwarder:
             elapsed = time.perf_counter() - started
             self._metrics.count_response(status, elapsed)
             if self._tap is not None:
-                await self._tap.record(
+                waiting = self._tap.record(
                     request,
                     request_id=request_id,
                     time_ns=time.time_ns() - int(elapsed * 1e9),
@@ -375,6 +375,8 @@ class Forwarder:
                     admission=exchange.admission,
                     body_excerpt=bytes(exchange.excerpt) if exchange.excerpt else None,
                 )
+                if waiting is not None:
+                    await self._tap.append_wait(waiting)
             if self._access_log is not None:
                 self._access_log.record(
                     (

@@ -135,6 +135,10 @@ def sql_decision(
 
 
 MEMO_ENTRIES = 50_000
+IDENTITY_ENTRIES = 10_000
+# Decisions that depend on nothing but the configuration, made once.
+_NO_POLICY = Decision(True, NO_POLICY)
+_NO_ROUTE = Decision(False, NO_ROUTE)
 
 
 class SnapshotMemo:
@@ -209,6 +213,7 @@ class Gate:
         # provider at /_sidecar, and must never inherit its "public".
         self._backends = longest_prefix_first(public_backends)
         self._memo_of = SnapshotMemo(None)
+        self._identities: dict[int, tuple[Principal, bytes]] = {}
         self._policy = policy
         self._audit = audit
         self._names = (
@@ -242,7 +247,11 @@ class Gate:
                 admission.outcome = "rejected"
                 raise Refusal(exc.status, "bad_path", exc.reason, admission) from None
             admission.target = normalized.upstream_target
-        backend = next((b for b in self._backends if b.matches(admission.target)), None)
+        backend = (
+            next((b for b in self._backends if b.matches(admission.target)), None)
+            if self._backends
+            else None
+        )
         if backend is not None and backend.public:
             admission.outcome = "allow"
             admission.decision = Decision(True, f"sidecar endpoint: {backend.name}")
@@ -256,7 +265,9 @@ class Gate:
             return admission
 
         try:
-            principal = await self._auth.authenticate(request.headers)
+            principal = self._auth.cached(request.headers) or await self._auth.authenticate(
+                request.headers
+            )
         except AuthError as exc:
             admission.outcome = "unauthenticated"
             self._audit_or_refuse(request, request_id, admission, reason=exc.reason)
@@ -295,9 +306,9 @@ class Gate:
                 snapshot.engine, principal.id, principal.roles, backend.resource, action
             )
         elif snapshot is None or memo is None:
-            admission.decision = Decision(True, NO_POLICY)
+            admission.decision = _NO_POLICY
         elif match is None:
-            admission.decision = Decision(False, NO_ROUTE)
+            admission.decision = _NO_ROUTE
         else:
             admission.decision = memo.decide(principal, match.resource, match.action)
             source = match.route.sql
@@ -311,7 +322,16 @@ class Gate:
         self._audit_or_refuse(request, request_id, admission)
         if not admission.decision.allowed:
             raise Refusal(403, "forbidden", admission.decision.reason, admission)
-        admission.identity = self._identity(principal)
+        # Cached principals are the same object request after request: their header
+        # lines are built once. The entry holds the principal, so its id is not reused.
+        known = self._identities.get(id(principal))
+        if known is not None and known[0] is principal:
+            admission.identity = known[1]
+        else:
+            if len(self._identities) >= IDENTITY_ENTRIES:
+                self._identities.clear()
+            admission.identity = self._identity(principal)
+            self._identities[id(principal)] = (principal, admission.identity)
         return admission
 
     def _identity(self, principal: Principal) -> bytes:

@@ -554,7 +554,6 @@ class ProxyWorker:
             self.spool,
             service=service,
             correlation_headers=capture.correlation_headers,
-            block_when_full=capture.when_full == "block",
         )
 
     def readiness(self) -> list[str]:

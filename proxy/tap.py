@@ -1,11 +1,12 @@
 """The capture tap: one `CaptureRecord` per request, handed to the spool.
 
 Runs after the response (or the refusal) is known and costs the request path one struct
-and one in-memory append (`SpoolWriter.append`); the spool's own thread writes and
-fsyncs. Denied and unauthenticated requests are recorded too: who tried to read what is
-exactly what an access review wants. SQL is taken from the route's declared place (a
-query parameter, or the body excerpt the forwarder kept) and left raw here: redaction is
-the agent's first step, before anything leaves the host.
+and one in-memory append (`SpoolWriter.append`), with nothing awaited unless the spool is
+full under the `block` policy; the spool's own thread writes and fsyncs. Denied and
+unauthenticated requests are recorded too: who tried to read what is exactly what an
+access review wants. SQL is taken from the route's declared place (a query parameter, or
+the body excerpt the forwarder kept) and left raw here: redaction is the agent's first
+step, before anything leaves the host.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from agent.capture import CaptureRecord, Decision
-from agent.spool import SpoolWriter
+from agent.spool import SpoolFullError, SpoolWriter
 from proxy.gate import Admission, sql_from_query
 
 log = logging.getLogger(__name__)
@@ -55,15 +56,14 @@ class Tap:
         *,
         service: str,
         correlation_headers: Sequence[str],
-        block_when_full: bool,
     ) -> None:
+        # The spool's `when_full` option decides between dropping and waiting.
         self.spool = spool
         self._service = service
-        self._block = block_when_full
         self._correlation = tuple((h, h.lower()) for h in correlation_headers)
         self.dropped = 0
 
-    async def record(
+    def record(
         self,
         request: web.BaseRequest,
         *,
@@ -75,7 +75,9 @@ class Tap:
         duration_s: float,
         admission: Admission | None,
         body_excerpt: bytes | None,
-    ) -> None:
+    ) -> CaptureRecord | None:
+        """Build the record and append it without waiting. Under `block`, a record that
+        does not fit now is returned: the caller awaits `append_wait` with it."""
         headers = request.headers
         principal = admission.principal if admission is not None else None
         match = admission.match if admission is not None else None
@@ -127,8 +129,15 @@ class Tap:
         # fail_open: never wait, a full spool drops and counts. block: the handler waits
         # for space before its response goes out, so a stuck agent slows clients down
         # instead of losing their records.
-        appended = (
-            await self.spool.append_wait(record) if self._block else self.spool.append(record)
-        )
+        try:
+            appended = self.spool.append(record)
+        except SpoolFullError:
+            return record
         if not appended:
+            self.dropped += 1
+        return None
+
+    async def append_wait(self, record: CaptureRecord) -> None:
+        """Wait (in order) for room in the spool; only the `block` policy gets here."""
+        if not await self.spool.append_wait(record):
             self.dropped += 1

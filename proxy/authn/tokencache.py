@@ -41,14 +41,16 @@ class CacheStats:
     size: int
 
 
-def cache_key(token: str, scope: str) -> bytes:
-    """SHA-256 over the scope and the token; the scope's length is framed so that no
-    (scope, token) pair can be re-split into another."""
+def scope_prefix(scope: str) -> bytes:
+    """The scope as it starts every key: length-framed, so that no (scope, token) pair
+    can be re-split into another."""
     scope_bytes = scope.encode()
-    digest = hashlib.sha256(len(scope_bytes).to_bytes(4, "big"))
-    digest.update(scope_bytes)
-    digest.update(token.encode())
-    return digest.digest()
+    return len(scope_bytes).to_bytes(4, "big") + scope_bytes
+
+
+def cache_key(token: str, scope: str) -> bytes:
+    """SHA-256 over the framed scope and the token."""
+    return hashlib.sha256(scope_prefix(scope) + token.encode()).digest()
 
 
 class VerifiedTokenCache:
@@ -70,12 +72,22 @@ class VerifiedTokenCache:
         # Wall clock, because `exp` is wall-clock time.
         self._clock = clock
         self._entries: OrderedDict[bytes, tuple[str, Principal, float]] = OrderedDict()
+        self._prefixes: dict[str, bytes] = {}
         self.hits = 0
         self.misses = 0
         self.evictions = 0
 
+    def _key(self, token: str, scope: str) -> bytes:
+        prefix = self._prefixes.get(scope)
+        if prefix is None:
+            # Few scopes exist (one per verifier configuration): the framing is done once.
+            if len(self._prefixes) >= 64:
+                self._prefixes.clear()
+            prefix = self._prefixes[scope] = scope_prefix(scope)
+        return hashlib.sha256(prefix + token.encode()).digest()
+
     def get(self, token: str, scope: str) -> Principal | None:
-        key = cache_key(token, scope)
+        key = self._key(token, scope)
         entry = self._entries.get(key)
         if entry is not None:
             entry_scope, principal, valid_until = entry
@@ -95,7 +107,7 @@ class VerifiedTokenCache:
         valid_until = min(principal.expires_at, now + self._max_ttl)
         if valid_until <= now:
             return
-        key = cache_key(token, scope)
+        key = self._key(token, scope)
         self._entries[key] = (scope, principal, valid_until)
         self._entries.move_to_end(key)
         while len(self._entries) > self._max_entries:
