@@ -82,7 +82,9 @@ routes:
     action: {ACTION}
 """
 
-AuthMode = Literal["none", "cached", "rotating"]
+# "carried": the requests carry the bench token but the sidecar does not check it (no auth
+# section): the JWT modes' baseline with the very same requests.
+AuthMode = Literal["none", "carried", "cached", "rotating"]
 
 
 @dataclass(frozen=True)
@@ -94,8 +96,12 @@ class Mode:
     capture: bool = False
 
     def __post_init__(self) -> None:
-        if self.policy and self.auth == "none":
+        if self.policy and not self.checks_tokens:
             raise ValueError("the policy needs authentication (auth: cached or rotating)")
+
+    @property
+    def checks_tokens(self) -> bool:
+        return self.auth in ("cached", "rotating")
 
 
 def _b64url(data: bytes) -> str:
@@ -266,7 +272,7 @@ def capture_section(spool_dir: Path) -> dict[str, Any]:
 def mode_config(mode: Mode, assets: ModeAssets, home: Path) -> dict[str, Any]:
     """The config sections `mode` adds to the pass-through config; its own files in `home`."""
     config: dict[str, Any] = {}
-    if mode.auth != "none":
+    if mode.checks_tokens:
         config["auth"] = auth_section(assets.jwks_file, token_cache_entries=TOKEN_CACHE_ENTRIES)
     if mode.policy:
         config["policy"] = policy_section(

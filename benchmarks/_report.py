@@ -71,6 +71,9 @@ class TargetSummary(msgspec.Struct, frozen=True, kw_only=True):
     # A mode's ratios to the pass-through sidecar of the same TLS mode and run.
     pass_through: str | None = None
     pass_through_ratios: Ratios | None = None
+    # A JWT mode's ratios to the pass-through sidecar sent the same requests.
+    same_requests: str | None = None
+    same_requests_ratios: Ratios | None = None
 
 
 def _share_of_run(seconds: Sequence[float], rounds: Sequence[RoundResult]) -> float:
@@ -113,7 +116,8 @@ def ratios_of(medians: Medians | None, baseline: Medians | None) -> Ratios | Non
 
 
 def with_ratios(summaries: Sequence[TargetSummary]) -> list[TargetSummary]:
-    """Fill in `ratios` (to `compare_to`) and `pass_through_ratios` (to `pass_through`)."""
+    """Fill in `ratios` (to `compare_to`), `pass_through_ratios` (to `pass_through`) and
+    `same_requests_ratios` (to `same_requests`)."""
     by_name = {s.name: s for s in summaries}
 
     def baseline_medians(name: str | None) -> Medians | None:
@@ -125,6 +129,9 @@ def with_ratios(summaries: Sequence[TargetSummary]) -> list[TargetSummary]:
             summary,
             ratios=ratios_of(summary.medians, baseline_medians(summary.compare_to)),
             pass_through_ratios=ratios_of(summary.medians, baseline_medians(summary.pass_through)),
+            same_requests_ratios=ratios_of(
+                summary.medians, baseline_medians(summary.same_requests)
+            ),
         )
         for summary in summaries
     ]
@@ -138,27 +145,28 @@ def markdown_table(summaries: Sequence[TargetSummary]) -> str:
     """One row per target; "vs nginx" ratios are to `compare_to` (nginx, same TLS). When
     any row is a mode, "vs pass-through" columns give req/s and p99 to `pass_through`."""
     modes = any(s.pass_through is not None for s in summaries)
-    mode_head = " vs pass-through | p99 vs pass-through |" if modes else ""
+    mode_head = " vs pass-through | vs same requests | p99 vs pass-through |" if modes else ""
     lines = [
         f"| target | TLS | req/s | vs nginx |{mode_head} p50 ms | vs nginx | p99 ms | vs nginx "
         "| peak RSS MiB | vs nginx | server CPU | upstream CPU | other CPU | wrk CPU | status |",
         "|---|---|---:|---:|"
-        + ("---:|---:|" if modes else "")
+        + ("---:|---:|---:|" if modes else "")
         + "---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for s in summaries:
         tls = "1.3" if s.tls else "-"
         if s.medians is None:
             reason = (s.failure or "no data").strip().splitlines()[0][:120]
-            empty = "  |" * (14 if modes else 12)
+            empty = "  |" * (15 if modes else 12)
             lines.append(f"| {s.name} | {tls} |{empty} FAILED: {reason} |")
             continue
-        m, r, pt = s.medians, s.ratios, s.pass_through_ratios
+        m, r, pt, same = s.medians, s.ratios, s.pass_through_ratios, s.same_requests_ratios
         status = "ok" if s.status == "ok" else f"ERRORS: {s.errors}"
         if s.failure:
             status = "FAILED: " + s.failure.strip().splitlines()[0][:120]
         mode_cells = (
             f"| {_fmt_ratio(pt.requests_per_s if pt else None)} "
+            f"| {_fmt_ratio(same.requests_per_s if same else None)} "
             f"| {_fmt_ratio(pt.p99_ms if pt else None)} "
             if modes
             else ""

@@ -85,6 +85,9 @@ class Target(abc.ABC):
     compare_to: str
     # A mode's second baseline: the pass-through sidecar, to show what the mode costs.
     pass_through: str | None = None
+    # A JWT mode's third: the pass-through sidecar sent the same requests (token and all),
+    # so what verification costs is not mixed up with what longer requests cost.
+    same_requests: str | None = None
     headers: tuple[str, ...] = ()
     # A wrk Lua script (`--script`) that builds the requests, when headers are not enough.
     wrk_script: Path | None = None
@@ -224,14 +227,18 @@ class SidecarProxy(Target):
     # Authentication, policy and capture; set up in `start`, laid over `extra_config`.
     mode: Mode = field(default_factory=Mode)
     pass_through: str | None = None
+    same_requests: str | None = None
     wrk_script: Path | None = None
     _process: ManagedProcess | None = None
     _port: int = 0
 
     def __post_init__(self) -> None:
         self.compare_to = self.compare_to or ("nginx-tls" if self.tls else "nginx")
+        suffix = "-tls" if self.tls else ""
         if self.mode != Mode() and self.pass_through is None:
-            self.pass_through = "sidecar-tls" if self.tls else "sidecar"
+            self.pass_through = f"sidecar{suffix}"
+        if self.mode.checks_tokens and self.same_requests is None:
+            self.same_requests = f"sidecar-bearer{suffix}"
 
     def prepare_mode(self, ctx: BenchContext, home: Path) -> None:
         """Write the mode's files and pick the token(s) its requests carry."""
@@ -241,7 +248,7 @@ class SidecarProxy(Target):
         self.extra_config = merged(self.extra_config, mode_config(self.mode, assets, home))
         # Idempotent: a target started again replaces its token instead of adding one.
         others = tuple(h for h in self.headers if not h.lower().startswith("authorization:"))
-        if self.mode.auth == "cached":
+        if self.mode.auth in ("cached", "carried"):
             self.headers = (*others, bearer(assets.bench_token()))
         elif self.mode.auth == "rotating":
             tokens, last = assets.token_file(rotated_tokens_needed(ctx.load_s, ctx.connections))
@@ -365,6 +372,12 @@ def verify(target: Target, pki: TestPki) -> Verification:
 # The modes, each with what it switches on and the issue's goal for it (req/s relative to
 # the pass-through sidecar of the same run).
 _MODES: tuple[tuple[str, Mode, str], ...] = (
+    (
+        "bearer",
+        Mode(auth="carried"),
+        "pass-through sent the JWT modes' requests (the bench token unchecked): their "
+        "baseline with the same bytes",
+    ),
     ("capture", Mode(capture=True), "capture tap on; goal: < 5% below pass-through"),
     (
         "jwt",

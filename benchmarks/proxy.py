@@ -305,6 +305,7 @@ def summarise(
                 tls=target.tls,
                 compare_to=target.compare_to,
                 pass_through=target.pass_through,
+                same_requests=target.same_requests,
                 url=urls.get(target.name),
                 status="failed" if failure else ("errors" if errors else "ok"),
                 failure=failure,

@@ -55,6 +55,7 @@ from proxy.authz.store import decide_principal
 
 KNOWN = [t.name for t in default_targets()]
 MODE_NAMES = [
+    "sidecar-bearer",
     "sidecar-capture",
     "sidecar-jwt",
     "sidecar-jwt-new",
@@ -235,7 +236,7 @@ def test_every_mode_config_passes_the_proxy_config_loader(tmp_path: Path, name: 
     target = _mode_target(name)
     config = _proxy_config(target, tmp_path)
     assert config.proxy.listen == "127.0.0.1:8080"  # the harness's sections survive
-    assert (config.auth is not None) == (target.mode.auth != "none")
+    assert (config.auth is not None) == target.mode.checks_tokens
     assert (config.policy is not None) == target.mode.policy
     assert (config.capture is not None) == target.mode.capture
     has_token = any(h.startswith("Authorization: Bearer ") for h in target.headers)
@@ -383,7 +384,26 @@ def test_modes_compare_to_the_pass_through_of_their_tls_mode() -> None:
     assert targets["sidecar"].pass_through is None
 
 
-def _summary(name: str, rps: float, pass_through: str | None = None) -> TargetSummary:
+def test_jwt_modes_also_compare_to_the_same_requests_unchecked() -> None:
+    targets = {t.name: t for t in default_targets()}
+    for name in ("sidecar-jwt", "sidecar-jwt-new", "sidecar-jwt-policy", "sidecar-full"):
+        assert targets[name].same_requests == "sidecar-bearer"
+        assert targets[f"{name}-tls"].same_requests == "sidecar-bearer-tls"
+    for name in ("sidecar", "sidecar-bearer", "sidecar-capture"):
+        assert targets[name].same_requests is None
+
+
+def test_the_bearer_baseline_carries_the_token_but_configures_no_auth(tmp_path: Path) -> None:
+    bearer = Mode(auth="carried")
+    assert not bearer.checks_tokens
+    assert mode_config(bearer, ModeAssets.at(tmp_path / "modes"), tmp_path) == {}
+    with pytest.raises(ValueError, match="needs authentication"):
+        Mode(auth="carried", policy=True)
+
+
+def _summary(
+    name: str, rps: float, pass_through: str | None = None, same_requests: str | None = None
+) -> TargetSummary:
     wrk = WrkReport(
         requests=int(rps), duration_s=1.0, requests_per_s=rps, read_bytes=0,
         latency_avg_ms=1.0, latency_max_ms=2.0, percentiles_ms={"50": 1.0, "99": 2.0},
@@ -396,7 +416,7 @@ def _summary(name: str, rps: float, pass_through: str | None = None) -> TargetSu
             wrk_cpu_s=0.2, loadavg_before="", loadavg_after="",
         )
     ]  # fmt: skip
-    fields: dict[str, Any] = {"pass_through": pass_through}
+    fields: dict[str, Any] = {"pass_through": pass_through, "same_requests": same_requests}
     return TargetSummary(
         name=name, description=name, tls=False, compare_to="nginx", url=None, status="ok",
         failure=None, verification=None, rounds=rounds, errors=0, medians=medians_of(rounds),
@@ -421,7 +441,25 @@ def test_report_gives_modes_a_second_ratio_to_pass_through() -> None:
     table = markdown_table(summaries).splitlines()
     assert "vs pass-through" in table[0]
     assert all(line.count("|") == table[0].count("|") for line in table)
-    assert "| 0.76x | 0.95x |" in table[-1]
+    assert "| 0.76x | 0.95x | - |" in table[-1]
+
+
+def test_report_gives_jwt_modes_a_ratio_to_the_same_requests() -> None:
+    summaries = with_ratios(
+        [
+            _summary("nginx", 10_000),
+            _summary("sidecar", 8_000),
+            _summary("sidecar-bearer", 7_800, pass_through="sidecar"),
+            _summary("sidecar-jwt", 7_410, pass_through="sidecar", same_requests="sidecar-bearer"),
+        ]
+    )
+    jwt_row = summaries[3]
+    assert jwt_row.same_requests_ratios is not None
+    assert jwt_row.same_requests_ratios.requests_per_s == 0.95
+    table = markdown_table(summaries).splitlines()
+    assert "vs same requests" in table[0]
+    assert all(line.count("|") == table[0].count("|") for line in table)
+    assert "| 0.74x | 0.93x | 0.95x |" in table[-1]
 
 
 def test_report_without_modes_keeps_its_columns() -> None:
