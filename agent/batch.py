@@ -20,6 +20,7 @@ Decoding promises: a plaintext that is not a batch of this schema version raises
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 import uuid
@@ -76,6 +77,12 @@ def message_key(event: LineageEvent, key_buckets: int) -> bytes:
         material = f"dataset\x00{event.dataset_namespace}\x00{event.dataset_name}"
     else:
         material = f"run\x00{event.run.run_id}"
+    return _bucket_key(material, key_buckets)
+
+
+# Few datasets are hot: their keys are remembered rather than hashed for every event.
+@functools.lru_cache(maxsize=65_536)
+def _bucket_key(material: str, key_buckets: int) -> bytes:
     digest = hashlib.sha256(material.encode("utf-8", "surrogatepass")).digest()
     bucket = int.from_bytes(digest[:8], "big") % key_buckets
     return f"lb{bucket:05d}".encode()

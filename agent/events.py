@@ -157,8 +157,7 @@ class RunEvent(msgspec.Struct, frozen=True):
         capture records always yield the same id, and any difference in content yields a
         different one.
         """
-        digest = hashlib.sha256(msgspec.json.encode(self)).hexdigest()
-        return uuid.uuid5(EVENT_ID_NAMESPACE, "run-event:" + digest)
+        return run_event_id(msgspec.json.encode(self))
 
 
 class AccessEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -180,6 +179,25 @@ class AccessEvent(msgspec.Struct, frozen=True, kw_only=True):
 LineageEvent = RunEvent | AccessEvent
 
 
+# The version (5) and variant (RFC 4122) bits of a name-based SHA-1 UUID.
+_UUID5_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID5_SET = (5 << 76) | (0x8000 << 48)
+
+
+def name_uuid(namespace: uuid.UUID, name: str) -> uuid.UUID:
+    """`uuid.uuid5(namespace, name)`, bit for bit, at a third of the cost: ids are made
+    for every event, and the standard function spends most of its time on checks."""
+    digest = hashlib.sha1(namespace.bytes + name.encode("utf-8"), usedforsecurity=False)
+    value = int.from_bytes(digest.digest()[:16], "big")
+    return uuid.UUID(int=(value & _UUID5_CLEAR) | _UUID5_SET)
+
+
+def run_event_id(encoded: bytes) -> uuid.UUID:
+    """`RunEvent.event_id` from the event's JSON encoding, for callers that have it."""
+    digest = hashlib.sha256(encoded).hexdigest()
+    return name_uuid(EVENT_ID_NAMESPACE, "run-event:" + digest)
+
+
 def access_event_id(
     service: str, request_id: str, namespace: str, name: str, action: str
 ) -> uuid.UUID:
@@ -188,7 +206,7 @@ def access_event_id(
     The service is part of it because request ids are only unique per proxy.
     """
     key = "\x00".join(("access", service, request_id, namespace, name, action))
-    return uuid.uuid5(EVENT_ID_NAMESPACE, key)
+    return name_uuid(EVENT_ID_NAMESPACE, key)
 
 
 _LATEST_NS = int(datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()) * 1_000_000_000

@@ -944,6 +944,8 @@ class SpoolReader:
         fd = self._fd
         assert fd is not None
         read_size = _READ_CHUNK_BYTES
+        # Named in errors only, but built per record it cost as much as decoding one.
+        segment_path = str(self.directory / segment_name(self._segment))
         while len(batch) < max_records:
             available = os.fstat(fd).st_size - self._offset
             if available <= 0:
@@ -956,8 +958,7 @@ class SpoolReader:
             )
             chunk_start = self._offset
             for end, payload in scan.frames:
-                where = f"{self.directory / segment_name(self._segment)} at {self._offset}"
-                record = decode_record(payload, where=where)
+                record = decode_record(payload, where=f"{segment_path} at {self._offset}")
                 self._offset = chunk_start + end
                 batch.append((SpoolPosition(self._segment, self._offset), record))
             if scan.stop in ("limit", "corrupt"):

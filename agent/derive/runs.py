@@ -46,6 +46,7 @@ from agent.events import (
     RunFacets,
     SidecarRunFacet,
     UnparsedSql,
+    name_uuid,
     time_from_ns,
 )
 
@@ -106,7 +107,7 @@ def correlation_key(record: CaptureRecord, config: RunConfig) -> tuple[str, bool
 
 
 def run_id_for(key: str) -> uuid.UUID:
-    return uuid.uuid5(RUN_ID_NAMESPACE, key)
+    return name_uuid(RUN_ID_NAMESPACE, key)
 
 
 @dataclass

@@ -24,7 +24,7 @@ from datetime import UTC, date, datetime
 
 import msgspec
 
-from agent.events import AccessEvent, LineageEvent, RunEvent
+from agent.events import AccessEvent, LineageEvent, RunEvent, run_event_id
 
 __all__ = [
     "STATE_RANK",
@@ -173,12 +173,18 @@ def screen(events: Sequence[LineageEvent]) -> Screened:
                 Rejected(None, "run event is not valid Unicode", _fallback_payload(event))
             )
             continue
-        event_id = event.event_id
+        event_id = run_event_id(payload)
         if event_id in seen:
             repeats += 1
             continue
         seen.add(event_id)
-        problem = _walk_strings(msgspec.to_builtins(event), "run event")
+        # The encoding succeeded, so every string is valid Unicode, and a NUL in any of
+        # them reads `\u0000` in the JSON: only then is the walk worth its cost.
+        problem = (
+            _walk_strings(msgspec.to_builtins(event), "run event")
+            if b"\\u0000" in payload
+            else None
+        )
         if problem is None:
             run_events.append((event, event_id, payload.decode("utf-8")))
         else:

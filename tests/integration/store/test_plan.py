@@ -113,6 +113,30 @@ def test_nul_free_valid_text_is_accepted(value: str) -> None:
     assert screened.rejected == []
 
 
+@PROPERTY
+@given(st.sampled_from(["input", "output", "job"]), text_with_nul)
+def test_a_nul_anywhere_in_a_run_event_rejects_just_that_event(where: str, value: str) -> None:
+    bad = run_event(
+        "START",
+        uuid.uuid4(),
+        inputs=[value if where == "input" else "a"],
+        outputs=[value if where == "output" else "b"],
+        job=value if where == "job" else "j",
+    )
+    good = run_event("START", uuid.uuid4(), inputs=["a"], outputs=["b"], job="j")
+    screened = screen([good, bad])
+    assert [r.event_id for r in screened.rejected] == [bad.event_id]
+    assert [event for event, _, _ in screened.run_events] == [good]
+
+
+def test_the_text_backslash_u0000_is_not_a_nul() -> None:
+    # It reads like the JSON escape of a NUL; the screen must not take one for the other.
+    event = run_event("START", uuid.uuid4(), inputs=["a\\u0000b"], outputs=["c"], job="j")
+    screened = screen([event])
+    assert screened.rejected == []
+    assert [eid for _, eid, _ in screened.run_events] == [event.event_id]
+
+
 @DB_PROPERTY
 @given(run_histories(), st.randoms(), st.integers(1, 3))
 async def test_any_order_batching_and_redelivery_give_the_same_store(

@@ -8,6 +8,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent.events import (
     COLUMN_LINEAGE_SCHEMA_URL,
@@ -28,6 +30,7 @@ from agent.events import (
     SidecarRunFacet,
     access_event_id,
     encode,
+    name_uuid,
     time_from_ns,
 )
 
@@ -158,3 +161,11 @@ def test_access_event_encodes_with_its_own_field_names() -> None:
 def test_times_outside_what_rfc3339_can_express_are_clamped() -> None:
     assert time_from_ns(-5) == datetime(1970, 1, 1, tzinfo=UTC)
     assert time_from_ns(2**80).year == 9999
+
+
+@given(st.uuids(), st.text())
+def test_name_uuid_is_uuid5_bit_for_bit(namespace: uuid.UUID, name: str) -> None:
+    # Event and run ids are stored; a different id for the same content would break the
+    # store's idempotency across an upgrade.
+    assert name_uuid(namespace, name) == uuid.uuid5(namespace, name)
+    assert name_uuid(namespace, name).version == 5
