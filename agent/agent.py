@@ -57,7 +57,7 @@ from agent.batch import SEAL_OVERHEAD_BYTES, BatchBuilder, EventBatch, EventTooL
 from agent.config import AgentProcessConfig, load_file
 from agent.derive import DeriveConfig, Deriver
 from agent.events import LineageEvent, encode
-from agent.keys import KeyProviderError, LocalKeyring, resolve_secret_reference
+from agent.keys import KeyProviderError, open_key_provider, resolve_secret_reference
 from agent.sink import DirectSink, KafkaSink, Sink, SinkError
 from agent.spool import SEGMENT_HEADER_BYTES, SpoolPosition, SpoolReader, parse_segment_name
 from agent.store.migrate import migrate
@@ -501,7 +501,7 @@ def resolve_dsn(value: str) -> str:
 async def open_sink(config: AgentProcessConfig) -> Sink:
     """The sink the configuration names, connected."""
     if config.agent.sink == "kafka":
-        return KafkaSink(config.kafka, LocalKeyring(config.keys.keyring))
+        return KafkaSink(config.kafka, open_key_provider(config.keys))
     dsn = resolve_dsn(config.store.dsn)
     if config.store.migrate:
         await migrate(dsn)

@@ -12,8 +12,10 @@ same objects from the main file.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import msgspec
 import yaml
@@ -159,16 +161,111 @@ class KafkaConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
             raise ValueError("kafka.max_message_bytes must not exceed kafka.max_request_bytes")
 
 
+_VAULT_KEY_NAME = re.compile(r"^\w(?:[\w.@-]*\w)?$")  # Vault's own rule for key names
+_VAULT_MOUNT = re.compile(r"^[\w.-]+(?:/[\w.-]+)*$")
+
+
+class VaultConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """HashiCorp Vault (or OpenBao) Transit: the key-encryption key never leaves Vault; the
+    agent and the ingester send it each batch's data key to encrypt or decrypt."""
+
+    address: Annotated[
+        str,
+        _doc(
+            "Vault's URL, `https://vault.example:8200`. `http://` sends the token and the data "
+            "keys in clear: use it on loopback only (a warning is logged otherwise)."
+        ),
+    ]
+    token: Annotated[
+        str,
+        _doc(
+            "Vault token as a `file:PATH` or `env:NAME` reference, never inline. A file is "
+            "re-read on every call, so a token renewed into it (Vault Agent) is used without "
+            "a restart. Agents and ingesters need only `update` on `<mount>/encrypt/<key_name>` "
+            "and `<mount>/decrypt/<key_name>` (docs/security.md)."
+        ),
+    ]
+    mount: Annotated[str, _doc("Path the Transit secrets engine is mounted at.")] = "transit"
+    key_name: Annotated[
+        str,
+        _doc(
+            "The Transit key that wraps data keys. Agents and the ingesters reading their "
+            "batches must name the same mount and key."
+        ),
+    ] = "lineage"
+    namespace: Annotated[
+        str | None, _doc("Vault Enterprise / OpenBao namespace; null for the root namespace.")
+    ] = None
+    ca_file: Annotated[
+        str | None,
+        _doc("PEM file of the CA that signed Vault's certificate; null: the system's CAs."),
+    ] = None
+    tls_verify: Annotated[
+        bool, _doc("Verify Vault's certificate. Turn off only to debug, never in production.")
+    ] = True
+    timeout: Annotated[Seconds, _doc("Longest wait for one answer from Vault (seconds).")] = 5.0
+
+    def check(self) -> None:
+        """Raise ValueError naming the field when the value cannot work."""
+        parts = urlsplit(self.address)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"keys.vault.address: expected https://host[:port], got {self.address!r}"
+            )
+        if parts.username is not None or parts.query or parts.fragment:
+            raise ValueError("keys.vault.address: no user, query or fragment in Vault's URL")
+        try:
+            _ = parts.port  # raises ValueError when out of range
+        except ValueError as exc:
+            raise ValueError(f"keys.vault.address: {exc}") from None
+        scheme, _, target = self.token.partition(":")
+        if scheme not in ("file", "env") or not target:
+            raise ValueError(
+                "keys.vault.token: give a file:PATH or env:NAME reference, not the token itself"
+            )
+        if not _VAULT_MOUNT.match(self.mount):
+            raise ValueError(f"keys.vault.mount: {self.mount!r} is not a mount path (e.g. transit)")
+        if not _VAULT_KEY_NAME.match(self.key_name):
+            raise ValueError(
+                f"keys.vault.key_name: {self.key_name!r} is not a Transit key name "
+                "(letters, digits, '_', '-', '.', '@')"
+            )
+        if self.ca_file is not None and not self.tls_verify:
+            raise ValueError("keys.vault.ca_file: set, but keys.vault.tls_verify is false")
+        if self.ca_file is not None and parts.scheme != "https":
+            raise ValueError("keys.vault.ca_file: set, but keys.vault.address is not https://")
+
+
 class KeysConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Where key-encryption keys come from (the standalone entry points know `local`)."""
+    """Where the key-encryption keys that wrap each batch's data key live."""
 
     provider: Annotated[
-        Literal["local"],
-        _doc("Key provider: `local` (a keyring file). Vault is wired by the main CLI."),
+        Literal["local", "vault"],
+        _doc(
+            "`local`: a keyring file on this machine (`keys.keyring`). `vault`: a Vault "
+            "Transit key (`keys.vault`); the key never leaves Vault."
+        ),
     ] = "local"
     keyring: Annotated[
-        str, _doc("Keyring file (0600), created with one fresh key when absent.")
+        str,
+        _doc(
+            "Keyring file (0600), created with one fresh key when absent. Only with "
+            "`provider: local`."
+        ),
     ] = "var/keys/keyring.json"
+    vault: Annotated[
+        VaultConfig | None, _doc("Vault Transit; required with `provider: vault`.")
+    ] = None
+
+    def check(self) -> None:
+        """Raise ValueError naming the field when the combination cannot work."""
+        if self.provider == "vault" and self.vault is None:
+            raise ValueError("keys.vault: required when keys.provider is vault")
+        if self.provider == "local" and self.vault is not None:
+            # A forgotten `provider: vault` would otherwise seal with a new local keyring.
+            raise ValueError("keys.vault: set, but keys.provider is local (set provider: vault)")
+        if self.vault is not None:
+            self.vault.check()
 
 
 class StoreConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -266,7 +363,7 @@ def load_file(path: str | Path, kind: type[T]) -> T:
         config = msgspec.convert(raw, kind)
     except msgspec.ValidationError as exc:
         raise ValueError(f"{path}: {exc}") from None
-    for section in ("agent", "ingest", "kafka"):
+    for section in ("agent", "ingest", "kafka", "keys"):
         check = getattr(getattr(config, section, None), "check", None)
         if check is not None:
             try:

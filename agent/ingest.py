@@ -42,7 +42,7 @@ from agent.batch import BatchFormatError, open_message
 from agent.config import IngestConfig, IngestProcessConfig, KafkaConfig, load_file
 from agent.crypto import DecryptError
 from agent.events import LineageEvent
-from agent.keys import KeyProvider, KeyProviderError, LocalKeyring, resolve_secret_reference
+from agent.keys import KeyProvider, KeyProviderError, open_key_provider, resolve_secret_reference
 from agent.store.migrate import migrate
 from agent.store.writer import StoreError, StoreWriter
 
@@ -284,6 +284,7 @@ class Ingester:
 
 async def run_ingester(config: IngestProcessConfig) -> None:
     """Run the ingester until SIGTERM or SIGINT."""
+    provider = open_key_provider(config.keys)
     dsn = config.store.dsn
     if dsn.startswith(("file:", "env:")):
         dsn = resolve_secret_reference(dsn)
@@ -292,7 +293,7 @@ async def run_ingester(config: IngestProcessConfig) -> None:
     ingester = Ingester(
         config.ingest,
         config.kafka,
-        provider=LocalKeyring(config.keys.keyring),
+        provider=provider,
         dsn=dsn,
         max_connections=config.store.max_connections,
     )

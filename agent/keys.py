@@ -15,6 +15,9 @@ providers:
   (`POST /transit/encrypt/<key>`, `/decrypt/<key>` through hvac); the KEK never leaves
   Vault, and Vault's own key versions (`vault:v3:...`) handle rotation.
 
+`open_key_provider` builds the one the `keys` configuration section names; the agent, the
+ingester and `lineage-sidecar keys` all get theirs from it.
+
 Errors say whose fault they are: `KeyUnwrapError` means the wrapped key itself is bad
 (unknown key id, altered), so retrying cannot help; `KeyProviderError` means the provider
 could not be asked (Vault down, token refused, keyring unreadable), so the data is fine
@@ -28,16 +31,25 @@ import base64
 import binascii
 import contextlib
 import fcntl
+import ipaddress
 import json
+import logging
 import os
+import re
 import secrets
 import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
+from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
+
+if TYPE_CHECKING:
+    from agent.config import KeysConfig
+
+log = logging.getLogger(__name__)
 
 DATA_KEY_BYTES = 32
 KEK_BYTES = 32
@@ -335,12 +347,37 @@ def resolve_secret_reference(reference: str) -> str:
     raise ValueError("a secret reference must be file:PATH or env:NAME")
 
 
+class TransitKeyVersions(NamedTuple):
+    """A Transit key's versions: the latest encrypts, those from min_decryption decrypt."""
+
+    latest: int
+    min_decryption: int
+    created: dict[int, str]  # version -> creation time (UTC, ISO 8601)
+
+
+def _vault_reason(exc: Exception) -> str:
+    """Vault's error text on one line: its multi-error form spans several lines."""
+    text = " ".join(str(exc).split())
+    text = re.sub(r"^\d+ errors? occurred: \* ", "", text)
+    return text.replace(" , on ", ", on ")
+
+
+def _created_at(value: Any) -> str:
+    """A Transit key version's creation time: unix seconds, or a map with creation_time."""
+    if isinstance(value, int):
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(value))
+    if isinstance(value, dict):
+        return str(value.get("creation_time", ""))
+    return ""
+
+
 class VaultTransitKeyProvider:
     """Data keys wrapped by a Vault Transit key; implements `KeyProvider`.
 
-    Untested against a real Vault server (none is available where this was written):
-    it follows hvac 2.x `secrets.transit.encrypt_data` / `decrypt_data` as documented.
-    hvac is synchronous, so every call runs in a worker thread.
+    Tested against a real Transit server (OpenBao 2.7 in dev mode, same API as Vault) by
+    tests/integration/agent/test_vault_transit.py; calls hvac 2.x
+    `secrets.transit.encrypt_data` / `decrypt_data`. hvac is synchronous, so every call
+    runs in a worker thread.
     """
 
     def __init__(
@@ -373,6 +410,11 @@ class VaultTransitKeyProvider:
         # names the Transit key across its rotations.
         return self._key_id
 
+    @property
+    def transit_key_path(self) -> str:
+        """Where Vault keeps the key, as its policies name it: `<mount>/keys/<key>`."""
+        return f"{self._mount_point}/keys/{self._key_name}"
+
     async def wrap(self, data_key: bytes) -> WrappedKey:
         _check_data_key(data_key)
         ciphertext = await asyncio.to_thread(self._encrypt, data_key)
@@ -391,7 +433,9 @@ class VaultTransitKeyProvider:
             raise KeyUnwrapError("tampered", "wrapped data key is not a Vault ciphertext")
         return await asyncio.to_thread(self._decrypt, ciphertext)
 
-    def _call(self, operation: str, **arguments: Any) -> dict[str, Any]:
+    def _call(
+        self, operation: str, *, data_optional: bool = False, **arguments: Any
+    ) -> dict[str, Any]:
         import hvac.exceptions
 
         self._client.token = resolve_secret_reference(self._token_reference)
@@ -402,20 +446,63 @@ class VaultTransitKeyProvider:
             raise  # the caller decides: for decrypt it means a bad ciphertext
         except (hvac.exceptions.Unauthorized, hvac.exceptions.Forbidden) as exc:
             raise KeyProviderError(
-                f"vault refused transit {operation} on {self._key_id}: {exc}", retriable=False
+                f"vault refused transit {operation} on {self._key_id}: {_vault_reason(exc)}",
+                retriable=False,
             ) from None
+        except hvac.exceptions.InvalidPath as exc:
+            # 404: no Transit engine mounted there, or (reading a key) no such key.
+            # Configuration either way, so retrying cannot help.
+            reason = _vault_reason(exc)
+            if "no handler for route" in reason:
+                message = f"vault has no transit engine at {self._mount_point!r}: {reason}"
+            else:
+                message = f"vault transit key {self._key_id} not found: {reason}"
+            raise KeyProviderError(message, retriable=False) from None
         except hvac.exceptions.VaultError as exc:
             raise KeyProviderError(
-                f"vault transit {operation} on {self._key_id} failed: {exc}", retriable=True
+                f"vault transit {operation} on {self._key_id} failed: {_vault_reason(exc)}",
+                retriable=True,
             ) from None
         except OSError as exc:  # requests' connection errors and timeouts are OSErrors
             raise KeyProviderError(
                 f"vault unreachable for transit {operation}: {exc}", retriable=True
             ) from None
         data = response.get("data") if isinstance(response, dict) else None
-        if not isinstance(data, dict):
-            raise KeyProviderError(f"vault transit {operation}: unexpected reply", retriable=True)
-        return data
+        if isinstance(data, dict):
+            return data
+        if data_optional:  # e.g. a 204 from an older Vault's rotate
+            return {}
+        raise KeyProviderError(f"vault transit {operation}: unexpected reply", retriable=True)
+
+    # -- key administration, for `lineage-sidecar keys` (an operator's token) --
+
+    def read_versions(self) -> TransitKeyVersions:
+        """The key's versions; needs `read` on `<mount>/keys/<key>`."""
+        data = self._call("read_key")
+        raw = data.get("keys")
+        latest, min_decryption = data.get("latest_version"), data.get("min_decryption_version")
+        if not isinstance(raw, dict) or not isinstance(latest, int):
+            raise KeyProviderError("vault transit read_key: unexpected reply", retriable=True)
+        created = {int(version): _created_at(value) for version, value in raw.items()}
+        first = min_decryption if isinstance(min_decryption, int) else 1
+        return TransitKeyVersions(latest, first, dict(sorted(created.items())))
+
+    def rotate(self) -> int:
+        """Add a new key version, which encrypts from now on; needs `update` on
+        `<mount>/keys/<key>/rotate`. Returns the new version."""
+        import hvac.exceptions
+
+        try:
+            data = self._call("rotate_key", data_optional=True)
+        except hvac.exceptions.InvalidRequest as exc:
+            reason = _vault_reason(exc)
+            if "not found" in reason:
+                message = f"vault transit key {self._key_id} not found: {reason}"
+            else:
+                message = f"vault transit rotate_key on {self._key_id} rejected: {reason}"
+            raise KeyProviderError(message, retriable=False) from None
+        latest = data.get("latest_version")
+        return latest if isinstance(latest, int) else self.read_versions().latest
 
     def _encrypt(self, data_key: bytes) -> str:
         import hvac.exceptions
@@ -424,7 +511,8 @@ class VaultTransitKeyProvider:
             data = self._call("encrypt_data", plaintext=base64.b64encode(data_key).decode())
         except hvac.exceptions.InvalidRequest as exc:
             raise KeyProviderError(
-                f"vault transit encrypt on {self._key_id} rejected: {exc}", retriable=False
+                f"vault transit encrypt on {self._key_id} rejected: {_vault_reason(exc)}",
+                retriable=False,
             ) from None
         ciphertext = data.get("ciphertext")
         if not isinstance(ciphertext, str) or not ciphertext.startswith("vault:v"):
@@ -439,9 +527,16 @@ class VaultTransitKeyProvider:
         except hvac.exceptions.InvalidRequest as exc:
             # Vault answers 400 both for a bad ciphertext and for a missing key; only
             # the message tells them apart. A missing key is configuration, not data.
-            if "not found" in str(exc):
+            reason = _vault_reason(exc)
+            if "not found" in reason:
                 raise KeyProviderError(
-                    f"vault transit key {self._key_id} not found: {exc}", retriable=False
+                    f"vault transit key {self._key_id} not found: {reason}", retriable=False
+                ) from None
+            # The ciphertext names a key version the key no longer opens (below its
+            # min_decryption_version) or never had: like a keyring without the key id.
+            if "too old" in reason or "too new" in reason:
+                raise KeyUnwrapError(
+                    "unknown_key", f"vault transit key {self._key_id} cannot open it: {reason}"
                 ) from None
             raise KeyUnwrapError(
                 "tampered", f"vault transit cannot decrypt this data key under {self._key_id}"
@@ -453,3 +548,56 @@ class VaultTransitKeyProvider:
         if len(data_key) != DATA_KEY_BYTES:
             raise KeyUnwrapError("tampered", "vault returned a data key of the wrong length")
         return data_key
+
+
+# ---- from configuration ----------------------------------------------------------------
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def open_key_provider(
+    config: KeysConfig, *, create: bool = True, token_reference: str | None = None
+) -> LocalKeyring | VaultTransitKeyProvider:
+    """The provider the (checked) `keys` section names.
+
+    create: make a missing keyring (the agent may; `keys list` must not). token_reference:
+    another Vault token than `keys.vault.token` (an operator's, for `keys rotate`). Raises
+    KeyProviderError naming the field when the provider cannot start; Vault is not asked
+    anything yet, so a Vault that is down delays batches instead of stopping the process.
+    """
+    if config.provider == "local":
+        return LocalKeyring(config.keyring, create=create)
+    vault = config.vault
+    if vault is None:
+        raise KeyProviderError("keys.vault: required when keys.provider is vault", retriable=False)
+    address = urlsplit(vault.address)
+    if address.scheme == "http" and not _loopback(address.hostname or ""):
+        log.warning(
+            "keys.vault.address is http:// to %s: the Vault token and every data key cross "
+            "the network in clear; use https://",
+            address.hostname,
+        )
+    if vault.ca_file is not None and not os.access(vault.ca_file, os.R_OK):
+        raise KeyProviderError(f"keys.vault.ca_file: cannot read {vault.ca_file}", retriable=False)
+    field = "--vault-token" if token_reference is not None else "keys.vault.token"
+    try:
+        return VaultTransitKeyProvider(
+            url=vault.address,
+            key_name=vault.key_name,
+            token_reference=token_reference or vault.token,
+            mount_point=vault.mount,
+            namespace=vault.namespace,
+            verify=vault.ca_file if vault.ca_file is not None else vault.tls_verify,
+            timeout_s=vault.timeout,
+        )
+    except KeyProviderError as exc:
+        raise KeyProviderError(f"{field}: {exc}", retriable=exc.retriable) from None
+    except ValueError as exc:
+        raise KeyProviderError(f"{field}: {exc}", retriable=False) from None

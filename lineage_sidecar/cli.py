@@ -104,26 +104,6 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_keys(args: argparse.Namespace) -> int:
-    from agent.keys import KeyringError, LocalKeyring
-
-    try:
-        keyring = LocalKeyring(args.keyring, create=args.action == "rotate")
-        if args.action == "rotate":
-            new = keyring.rotate()
-            print(
-                f"new active key {new} ({len(keyring.key_ids)} keys; older ones open old batches)"
-            )
-        else:
-            for key_id in keyring.key_ids:
-                marker = " (active)" if key_id == keyring.active_key_id else ""
-                print(f"{key_id}{marker}")
-    except (KeyringError, OSError) as exc:
-        print(f"lineage-sidecar: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lineage-sidecar",
@@ -203,17 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
         policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
     )
 
-    keys = commands.add_parser(
-        "keys",
-        help="list or rotate the local keyring that wraps lineage data keys",
-        description=(
-            "rotate adds a new active key-encryption key and keeps the old ones, so batches "
-            "sealed before still open; agents and ingesters pick the new key up by themselves."
-        ),
-    )
-    keys.add_argument("action", choices=["list", "rotate"])
-    keys.add_argument("keyring", help="keyring file (keys.keyring in the configuration)")
-    keys.set_defaults(func=_cmd_keys)
+    from lineage_sidecar.keyscmd import add_keys_command
+
+    add_keys_command(commands)
 
     audit = commands.add_parser("audit", help="work with the audit log")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")

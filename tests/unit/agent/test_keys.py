@@ -1,9 +1,11 @@
-"""Key providers: the local keyring file, its permissions and rotation; Vault's edges."""
+"""Key providers: the local keyring file, its permissions and rotation; Vault's edges; the
+provider the `keys` configuration names."""
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import socket
 import stat
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.config import IngestProcessConfig, KeysConfig, VaultConfig, load_file
 from agent.keys import (
     KeyProviderError,
     KeyringError,
@@ -18,6 +21,7 @@ from agent.keys import (
     LocalKeyring,
     VaultTransitKeyProvider,
     WrappedKey,
+    open_key_provider,
     resolve_secret_reference,
 )
 
@@ -164,9 +168,9 @@ async def test_keyring_that_disappeared_is_a_provider_error_not_a_data_error(
 
 
 # ---- secret references and Vault -------------------------------------------------------
-# There is no Vault server here: these tests cover only what happens before a request
-# reaches Vault, and a Vault address where nothing listens. The Transit calls themselves
-# are untested against a real server.
+# Without a server: what happens before a request reaches Vault, and a Vault address where
+# nothing listens. The Transit calls themselves run against a real server (OpenBao) in
+# tests/integration/agent/test_vault_transit.py.
 
 
 def test_secret_references_come_from_files_and_environment(
@@ -231,3 +235,89 @@ def test_vault_provider_refuses_a_bad_token_reference_at_start() -> None:
         VaultTransitKeyProvider(
             url="http://127.0.0.1:1", key_name="lineage", token_reference="hunter2"
         )
+
+
+# ---- the provider the configuration names ----------------------------------------------
+
+
+def vault_keys(**fields: object) -> KeysConfig:
+    vault = {"address": "http://127.0.0.1:8200", "token": "env:VAULT_TOKEN_FOR_TEST", **fields}
+    return KeysConfig(provider="vault", vault=VaultConfig(**vault))  # type: ignore[arg-type]
+
+
+def test_local_keys_open_the_keyring_file(tmp_path: Path) -> None:
+    keys = KeysConfig(keyring=str(tmp_path / "keys" / "keyring.json"))
+    with pytest.raises(KeyringError, match="no such file"):
+        open_key_provider(keys, create=False)
+    created = open_key_provider(keys)
+    assert isinstance(created, LocalKeyring)
+    assert created.path == tmp_path / "keys" / "keyring.json"
+    reopened = open_key_provider(keys, create=False)
+    assert reopened.active_key_id == created.active_key_id
+
+
+def test_vault_keys_make_a_transit_provider_without_asking_vault(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("VAULT_TOKEN_FOR_TEST", "s.test-token")
+    # Nothing listens on the address: building the provider must not need Vault up (a
+    # Vault that is down delays batches, it does not stop the agent).
+    provider = open_key_provider(
+        vault_keys(address=f"http://127.0.0.1:{closed_port()}", mount="ops/transit", key_name="k")
+    )
+    assert isinstance(provider, VaultTransitKeyProvider)
+    assert provider.active_key_id == "vault:ops/transit/k"
+    assert provider.transit_key_path == "ops/transit/keys/k"
+
+
+def test_vault_keys_that_cannot_start_name_the_field(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("VAULT_TOKEN_FOR_TEST", raising=False)
+    with pytest.raises(KeyProviderError, match=r"^keys\.vault\.token: .*VAULT_TOKEN_FOR_TEST"):
+        open_key_provider(vault_keys())
+    with pytest.raises(KeyProviderError, match=r"^--vault-token: cannot read secret file"):
+        open_key_provider(vault_keys(), token_reference=f"file:{tmp_path / 'absent'}")
+    monkeypatch.setenv("VAULT_TOKEN_FOR_TEST", "s.test-token")
+    with pytest.raises(KeyProviderError, match=r"^keys\.vault\.ca_file: cannot read") as ca:
+        open_key_provider(
+            vault_keys(address="https://vault.test:8200", ca_file=str(tmp_path / "ca.pem"))
+        )
+    assert not ca.value.retriable
+
+
+def test_plain_http_to_vault_off_loopback_is_warned_about(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("VAULT_TOKEN_FOR_TEST", "s.test-token")
+    with caplog.at_level(logging.WARNING, logger="agent.keys"):
+        for address in ("http://127.0.0.1:8200", "http://localhost:8200", "https://v.test"):
+            open_key_provider(vault_keys(address=address))
+        assert not caplog.records
+        open_key_provider(vault_keys(address="http://vault.internal:8200"))
+    assert [r.getMessage() for r in caplog.records] == [
+        "keys.vault.address is http:// to vault.internal: the Vault token and every data key "
+        "cross the network in clear; use https://"
+    ]
+
+
+def test_the_standalone_ingester_reads_the_vault_section_like_the_cli(tmp_path: Path) -> None:
+    # `python -m agent.ingest` and `lineage-sidecar ingest` load the same section.
+    path = tmp_path / "ingest.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "keys": {
+                    "provider": "vault",
+                    "vault": {"address": "https://v.test", "token": "env:T"},
+                }
+            }
+        )
+    )
+    config = load_file(path, IngestProcessConfig)
+    assert config.keys.provider == "vault"
+    assert config.keys.vault is not None
+    assert config.keys.vault.address == "https://v.test"
+    path.write_text(json.dumps({"keys": {"provider": "vault"}}))
+    with pytest.raises(ValueError, match=r"keys\.vault: required"):
+        load_file(path, IngestProcessConfig)

@@ -9,12 +9,16 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.config import AgentProcessConfig, IngestProcessConfig, KeysConfig
 from lineage_sidecar.config import (
+    AGENT_SECTIONS,
+    INGEST_SECTIONS,
     Config,
     ConfigError,
     Secret,
     from_mapping,
     load,
+    load_process,
     parse_listen,
     parse_upstream,
 )
@@ -197,3 +201,88 @@ def test_configuration_reference_matches_the_declarations() -> None:
         "docs/configuration.md is stale: run "
         "python -m lineage_sidecar.configdoc > docs/configuration.md"
     )
+
+
+# ---- keys: a local keyring or Vault Transit -------------------------------------------
+
+VAULT = {"address": "https://vault.example:8200", "token": "file:/run/secrets/vault-token"}
+
+
+def load_keys(tmp_path: Path, keys: object, environ: dict[str, str] | None = None) -> KeysConfig:
+    path = write(tmp_path, {**MINIMAL, "keys": keys})
+    config = load_process(path, AgentProcessConfig, AGENT_SECTIONS, environ=environ or {})
+    return config.keys
+
+
+def test_vault_keys_load_with_defaults_and_environment_overrides(tmp_path: Path) -> None:
+    keys = load_keys(tmp_path, {"provider": "vault", "vault": VAULT})
+    assert keys.vault is not None
+    assert (keys.vault.mount, keys.vault.key_name, keys.vault.tls_verify) == (
+        "transit",
+        "lineage",
+        True,
+    )
+    assert keys.vault.timeout == 5.0
+    env = {
+        "LINEAGE_SIDECAR_KEYS__VAULT__TOKEN": "env:INGESTER_VAULT_TOKEN",
+        "LINEAGE_SIDECAR_KEYS__VAULT__KEY_NAME": "lineage-eu",
+    }
+    keys = load_keys(tmp_path, {"provider": "vault", "vault": VAULT}, env)
+    assert keys.vault is not None
+    assert (keys.vault.token, keys.vault.key_name) == ("env:INGESTER_VAULT_TOKEN", "lineage-eu")
+    ingest = load_process(
+        write(tmp_path, {"keys": {"provider": "vault", "vault": VAULT}}),
+        IngestProcessConfig,
+        INGEST_SECTIONS,
+        environ={},
+    )
+    assert ingest.keys.provider == "vault"
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"provider": "vault"}, r"keys\.vault: required when keys\.provider is vault"),
+        ({"vault": VAULT}, r"keys\.vault: set, but keys\.provider is local"),
+        ({"provider": "hsm"}, r"keys\.provider: Invalid enum value .hsm."),
+        ({"provider": "vault", "vault": {"address": "https://v"}}, r"keys\.vault: .*`token`"),
+        ({"provider": "vault", "vault": {**VAULT, "tokne": "x"}}, r"keys\.vault: .*`tokne`"),
+        (
+            {"provider": "vault", "vault": {**VAULT, "token": "s.hunter2-inline"}},
+            r"keys\.vault\.token: give a file:PATH or env:NAME reference",
+        ),
+        ({"provider": "vault", "vault": {**VAULT, "token": "env:"}}, r"keys\.vault\.token"),
+        ({"provider": "vault", "vault": {**VAULT, "address": "vault:8200"}}, r"vault\.address"),
+        ({"provider": "vault", "vault": {**VAULT, "address": "ftp://v"}}, r"vault\.address"),
+        (
+            {"provider": "vault", "vault": {**VAULT, "address": "https://u:p@v:8200"}},
+            r"keys\.vault\.address: no user",
+        ),
+        (
+            {"provider": "vault", "vault": {**VAULT, "address": "https://v:99999"}},
+            r"keys\.vault\.address: Port out of range",
+        ),
+        ({"provider": "vault", "vault": {**VAULT, "mount": "/transit/"}}, r"keys\.vault\.mount"),
+        ({"provider": "vault", "vault": {**VAULT, "key_name": "a/b"}}, r"keys\.vault\.key_name"),
+        ({"provider": "vault", "vault": {**VAULT, "key_name": ""}}, r"keys\.vault\.key_name"),
+        (
+            {"provider": "vault", "vault": {**VAULT, "ca_file": "/ca.pem", "tls_verify": False}},
+            r"keys\.vault\.ca_file: set, but keys\.vault\.tls_verify is false",
+        ),
+        (
+            {
+                "provider": "vault",
+                "vault": {**VAULT, "address": "http://127.0.0.1:8200", "ca_file": "/ca.pem"},
+            },
+            r"keys\.vault\.ca_file: set, but keys\.vault\.address is not https://",
+        ),
+        ({"provider": "vault", "vault": {**VAULT, "timeout": 0}}, r"keys\.vault\.timeout"),
+    ],
+)
+def test_bad_keys_section_is_one_line_naming_the_field(
+    tmp_path: Path, keys: object, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        load_keys(tmp_path, keys)
+    assert "\n" not in str(info.value)
+    assert "hunter2" not in str(info.value)
