@@ -298,6 +298,16 @@ class AuthConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
         _doc("Verified tokens kept (until their expiry) so repeats skip the signature check."),
     ] = 10_000
     identity_headers: IdentityHeadersConfig = IdentityHeadersConfig()
+    forward_authorization: Annotated[
+        bool,
+        _doc(
+            "Pass the `Authorization` header upstream after the proxy verified the bearer "
+            "token in it. Off by default (as Envoy's jwt_authn): a data service that does not "
+            "check tokens has no use for one, and one it logs or leaks can be replayed "
+            "against every service that trusts the same issuer. Requests on public routes "
+            "and requests signed in with a session cookie keep their header either way."
+        ),
+    ] = False
     introspection: Annotated[
         list[IntrospectionConfig],
         _doc(

@@ -174,6 +174,8 @@ class Forwarder:
         self._gate = gate
         self._tap = tap
         self._strip = gate.strip if gate is not None else frozenset()
+        # The same plus the verified bearer credential, for requests that carried one.
+        self._strip_authorization = self._strip | {b"authorization"}
         cookie = gate.session_cookie if gate is not None else None
         self._session_cookie = cookie.encode("ascii") + b"=" if cookie else None
         self._excerpt_limit = body_excerpt_bytes if tap is not None else 0
@@ -228,6 +230,7 @@ class Forwarder:
         target: str | None = None,
         identity: bytes = b"",
         base_path: bytes | None = None,
+        drop_authorization: bool = False,
     ) -> bytes:
         if target is None:
             target = request.raw_path
@@ -258,6 +261,7 @@ class Forwarder:
             host.encode("ascii") if self._config.preserve_host else self._upstream_host,
             b"\r\n",
         ]  # fmt: skip
+        strip = self._strip_authorization if drop_authorization else self._strip
         prior_for = b""
         prior_proto = b""
         prior_host = b""
@@ -267,7 +271,7 @@ class Forwarder:
                 lname in HOP_BY_HOP
                 or lname in PROXY_SET
                 or lname in dropped
-                or (self._strip and lname.replace(b"_", b"-") in self._strip)
+                or (strip and lname.replace(b"_", b"-") in strip)
             ):
                 if trusted:
                     if lname == b"x-forwarded-for":
@@ -400,7 +404,13 @@ class Forwarder:
                     pool, base_path = backend.pool, b""
                     break
             head = self._request_head(
-                request, request_id, framing, admission.target, admission.identity, base_path
+                request,
+                request_id,
+                framing,
+                admission.target,
+                admission.identity,
+                base_path,
+                drop_authorization=admission.drop_authorization,
             )
             sql = admission.match.route.sql if admission.match is not None else None
             if sql is not None and sql.location == "body" and self._excerpt_limit:

@@ -43,6 +43,8 @@ class Admission:
     decision: Decision | None = None
     outcome: str = "none"  # allow | deny | unauthenticated | rejected | none
     identity: bytes = b""
+    # The Authorization header carried the verified credential and is not to go upstream.
+    drop_authorization: bool = False
 
 
 class Refusal(Exception):
@@ -136,6 +138,8 @@ def sql_decision(
 
 MEMO_ENTRIES = 50_000
 IDENTITY_ENTRIES = 10_000
+# Principals proved by the Authorization header (a JWT, or an introspected opaque token).
+_BEARER_METHODS = frozenset({"jwt", "introspection"})
 # Decisions that depend on nothing but the configuration, made once.
 _NO_POLICY = Decision(True, NO_POLICY)
 _NO_ROUTE = Decision(False, NO_ROUTE)
@@ -203,12 +207,14 @@ class Gate:
         public_backends: Sequence[InternalBackend] = (),
         login_url: str | None = None,
         session_cookie: str | None = None,
+        forward_authorization: bool = False,
     ) -> None:
         # Browsers without credentials go here, their target appended (`...?rd=`).
         self._login_url = login_url
         # Never forwarded upstream: the session id is the proxy's, not the service's.
         self.session_cookie = session_cookie
         self._auth = auth
+        self._forward_authorization = forward_authorization
         # Longest prefix first: /_sidecar/policy is the admin API, not the identity
         # provider at /_sidecar, and must never inherit its "public".
         self._backends = longest_prefix_first(public_backends)
@@ -299,6 +305,9 @@ class Gate:
                 {"WWW-Authenticate": 'Bearer realm="lineage-sidecar"'},
             )
         admission.principal = principal
+        admission.drop_authorization = not self._forward_authorization and (
+            principal.auth_method in _BEARER_METHODS
+        )
 
         if snapshot is not None and backend is not None and backend.resource is not None:
             action = "read" if request.method in ("GET", "HEAD") else "write"

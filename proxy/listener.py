@@ -424,6 +424,7 @@ class ProxyWorker:
             public_backends=self.internal,
             login_url=login_url,
             session_cookie=auth.sessions.cookie.cookie_name if auth.sessions else None,
+            forward_authorization=auth.forward_authorization,
         )
 
     async def _start_saml(self, config: SamlSpConfig, sessions: SessionManager) -> str:

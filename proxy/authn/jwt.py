@@ -171,6 +171,12 @@ class IssuerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
                 f"issuer {self.issuer!r}: set exactly one of jwks_url, discovery_url, "
                 "key_file, shared_secret"
             )
+        if self.jwks_min_refresh_interval > self.jwks_refresh_interval:
+            raise ValueError(
+                f"issuer {self.issuer!r}: jwks_min_refresh_interval "
+                f"({self.jwks_min_refresh_interval:g} s) is longer than jwks_refresh_interval "
+                f"({self.jwks_refresh_interval:g} s)"
+            )
         for name in ("jwks_url", "discovery_url"):
             url = getattr(self, name)
             if url is not None:

@@ -172,6 +172,43 @@ def test_role_from_token_allows_read_and_identity_reaches_upstream(gated: GatedP
     assert headers["x-auth-request-issuer"] == ISSUER
 
 
+def test_the_verified_bearer_token_stays_at_the_proxy(gated: GatedProxy) -> None:
+    # The default: the data service gets the identity headers, not a replayable token.
+    token = gated.issuer.token("alice", ["analyst"])
+    reply = gated.call("GET", "/sales/orders.json", token, extra="Authorization-Note: x\r\n")
+    assert reply.status == 200, reply.body
+    names = {k.lower() for k, _ in reply.json()["headers"]}
+    assert "authorization" not in names
+    assert "authorization-note" in names
+    assert "x-auth-request-user" in names
+
+
+def test_a_public_route_forwards_the_authorization_header_untouched(gated: GatedProxy) -> None:
+    # Nothing was verified there, so nothing is taken away.
+    reply = gated.call("GET", "/-/versions.json", "not-checked-here")
+    assert reply.status == 200
+    headers = {k.lower(): v for k, v in reply.json()["headers"]}
+    assert headers["authorization"] == "Bearer not-checked-here"
+
+
+def test_forward_authorization_passes_the_verified_token_on(
+    echo_upstream: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    directory = tmp_path_factory.mktemp("forwarding")
+    key = JsonWebKey.generate_key("RSA", 2048, is_private=True, options={"kid": "k1"})
+    keyset = directory / "jwks.json"
+    keyset.write_text(json.dumps({"keys": [key.as_dict(is_private=False)]}))
+    issuer = {"issuer": ISSUER, "audiences": [AUDIENCE], "key_file": str(keyset)}
+    extra = {"auth": {"jwt_issuers": [issuer], "forward_authorization": True}}
+    token = Issuer(key).token("alice", [])
+    with run_proxy(directory, echo_upstream, extra=extra) as proxy:
+        reply = get(proxy.port, "/anything", headers=f"Authorization: Bearer {token}\r\n")
+    assert reply.status == 200, reply.body
+    headers = {k.lower(): v for k, v in reply.json()["headers"]}
+    assert headers["authorization"] == f"Bearer {token}"
+    assert headers["x-auth-request-user"] == "alice"
+
+
 def test_role_from_policy_file_allows_read(gated: GatedProxy) -> None:
     assert gated.call("GET", "/sales/orders.json", gated.issuer.token("dave", [])).status == 200
 

@@ -523,6 +523,8 @@ def test_email_domain_parses_strictly(address: str, domain: str | None) -> None:
         {"leeway": 301},
         {"leeway": -1},
         {"jwks_min_refresh_interval": 0},
+        # The background refresh would run only at the (longer) rate limit.
+        {"jwks_min_refresh_interval": 600, "jwks_refresh_interval": 300},
         {"jwks_max_keys": 0},
         {"allowed_email_domains": ["Corp.com"]},
         {"unknown_field": 1},
