@@ -229,6 +229,8 @@ class SidecarProxy(Target):
     pass_through: str | None = None
     same_requests: str | None = None
     wrk_script: Path | None = None
+    # How long /readyz may take to answer 200 (much longer under valgrind).
+    start_timeout_s: float = START_TIMEOUT_S
     _process: ManagedProcess | None = None
     _port: int = 0
 
@@ -295,12 +297,12 @@ class SidecarProxy(Target):
         process = self._process
         if not wait_until(
             lambda: _status(http_get(readyz)) == 200,
-            timeout_s=START_TIMEOUT_S,
+            timeout_s=self.start_timeout_s,
             alive=process.running,
             interval_s=0.2,
         ):
             what = (
-                f"{readyz} did not answer 200 within {START_TIMEOUT_S:g} s "
+                f"{readyz} did not answer 200 within {self.start_timeout_s:g} s "
                 f"(last: {http_get(readyz)!r})"
                 if process.running()
                 else f"exited before {readyz} answered 200"
