@@ -113,6 +113,8 @@ class Setup:
     bootstrap: str
     topic: str
     work: Path
+    # Producer compression; None keeps the configuration's default.
+    compression: str | None = None
 
 
 async def _execute(dsn: str, statement: str) -> None:
@@ -129,6 +131,20 @@ async def create_store(admin_dsn: str) -> tuple[str, str]:
     dsn = urlunsplit(urlsplit(admin_dsn)._replace(path="/" + name))
     await migrate(dsn)
     return name, dsn
+
+
+async def drop_store(admin_dsn: str, database: str, attempts: int = 30) -> None:
+    """Drop the scratch database; retried, because an autovacuum worker the benchmark's
+    writes woke may still be in it, and FORCE may not end a superuser's process."""
+    for attempt in range(attempts):
+        try:
+            await _execute(admin_dsn, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+            return
+        except asyncpg.PostgresError as exc:
+            if attempt == attempts - 1:
+                print(f"warning: scratch database {database} left behind: {exc}", file=sys.stderr)
+                return
+            await asyncio.sleep(1.0)
 
 
 async def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
@@ -161,7 +177,8 @@ async def stored_rows(connection: asyncpg.Connection) -> int:
 def write_configs(setup: Setup, spool: Path, *, name: str, sink: str) -> tuple[Path, Path]:
     """Config files for the agent and the ingester of one phase."""
     common = {
-        "kafka": {"bootstrap_servers": setup.bootstrap, "topic": setup.topic},
+        "kafka": {"bootstrap_servers": setup.bootstrap, "topic": setup.topic}
+        | ({"compression": setup.compression} if setup.compression else {}),
         "keys": {"keyring": str(setup.work / "keyring.json")},
         "store": {"dsn": setup.dsn, "migrate": False},
     }
@@ -403,7 +420,7 @@ async def run(args: argparse.Namespace) -> Result:
     await create_topic(bootstrap, topic, args.partitions)
     try:
         with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as work:
-            setup = Setup(admin_dsn, dsn, database, bootstrap, topic, Path(work))
+            setup = Setup(admin_dsn, dsn, database, bootstrap, topic, Path(work), args.compression)
             load_before = os.getloadavg()
             kafka = await throughput(
                 setup, sink="kafka", records=args.records, duration=args.duration
@@ -419,7 +436,7 @@ async def run(args: argparse.Namespace) -> Result:
                 if errors:
                     print(f"{name}: {len(errors)} error lines, first: {errors[0]}")
     finally:
-        await _execute(admin_dsn, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        await drop_store(admin_dsn, database)
         with contextlib.suppress(Exception):
             await delete_topic(bootstrap, topic)
     return Result(
@@ -441,6 +458,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, default=5000.0, help="latency phase events/s")
     parser.add_argument("--latency-duration", type=float, default=20.0)
     parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument(
+        "--compression",
+        choices=["gzip", "none"],
+        help="Kafka producer compression (default: the configuration's default, none)",
+    )
     parser.add_argument("--results-dir", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     result = asyncio.run(run(args))
