@@ -21,7 +21,6 @@ import base64
 import json
 import os
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -32,8 +31,13 @@ from typing import Any
 
 import pytest
 
-from lineage_sidecar.demo import stop_process
-from tests.integration.proxy.conftest import REPO, RunningProxy, free_port, run_proxy
+from tests.integration.proxy.conftest import (
+    REPO,
+    RunningProxy,
+    free_port,
+    run_proxy,
+    running_echo_upstream,
+)
 from tests.integration.proxy.rawhttp import Reply, get
 
 pytestmark = [
@@ -302,26 +306,8 @@ def keycloak(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keycloak]:
 @pytest.fixture(scope="module")
 def echo_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The proxy tests' echo upstream: it answers with the headers it received."""
-    directory = tmp_path_factory.mktemp("keycloak-echo")
-    port_file = directory / "port"
-    log = directory / "echo.log"
-    with log.open("ab") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tests.integration.proxy.echo_upstream", str(port_file)],
-            cwd=REPO,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 20
-        while not port_file.exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"echo upstream did not start:\n{log.read_text()}")
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{port_file.read_text()}"
-    finally:
-        stop_process(process)
+    with running_echo_upstream(tmp_path_factory.mktemp("keycloak-echo")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

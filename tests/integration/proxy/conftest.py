@@ -131,7 +131,13 @@ def run_proxy(
 
 @pytest.fixture(scope="session")
 def echo_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    directory = tmp_path_factory.mktemp("echo")
+    with running_echo_upstream(tmp_path_factory.mktemp("echo")) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def running_echo_upstream(directory: Path) -> Iterator[str]:
+    """The echo upstream (it answers with what it received), its URL while the block runs."""
     port_file = directory / "port"
     log = directory / "echo.log"
     with log.open("ab") as log_file:
