@@ -58,6 +58,7 @@ from agent.config import AgentProcessConfig, load_file
 from agent.derive import DeriveConfig, Deriver
 from agent.events import LineageEvent, encode
 from agent.keys import KeyProviderError, open_key_provider, resolve_secret_reference
+from agent.process import serve
 from agent.sink import DirectSink, KafkaSink, Sink, SinkError
 from agent.spool import SEGMENT_HEADER_BYTES, SpoolPosition, SpoolReader, parse_segment_name
 from agent.store.migrate import migrate
@@ -532,14 +533,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m agent.agent", description=__doc__)
     parser.add_argument("--config", required=True, help="YAML file (AgentProcessConfig)")
     arguments = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         config = load_file(arguments.config, AgentProcessConfig)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(run_agent(config))
-    return 0
+    return serve(run_agent(config), prog="python -m agent.agent")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from agent.config import IngestConfig, IngestProcessConfig, KafkaConfig, load_fi
 from agent.crypto import DecryptError
 from agent.events import LineageEvent
 from agent.keys import KeyProvider, KeyProviderError, open_key_provider, resolve_secret_reference
+from agent.process import serve
 from agent.store.migrate import migrate
 from agent.store.writer import StoreError, StoreWriter
 
@@ -307,14 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m agent.ingest", description=__doc__)
     parser.add_argument("--config", required=True, help="YAML file (IngestProcessConfig)")
     arguments = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         config = load_file(arguments.config, IngestProcessConfig)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(run_ingester(config))
-    return 0
+    return serve(run_ingester(config), prog="python -m agent.ingest")
 
 
 if __name__ == "__main__":

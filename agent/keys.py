@@ -563,14 +563,19 @@ def _loopback(host: str) -> bool:
 
 
 def open_key_provider(
-    config: KeysConfig, *, create: bool = True, token_reference: str | None = None
+    config: KeysConfig,
+    *,
+    create: bool = True,
+    token_reference: str | None = None,
+    override_name: str = "the token reference",
 ) -> LocalKeyring | VaultTransitKeyProvider:
     """The provider the (checked) `keys` section names.
 
     create: make a missing keyring (the agent may; `keys list` must not). token_reference:
-    another Vault token than `keys.vault.token` (an operator's, for `keys rotate`). Raises
-    KeyProviderError naming the field when the provider cannot start; Vault is not asked
-    anything yet, so a Vault that is down delays batches instead of stopping the process.
+    another Vault token than `keys.vault.token` (an operator's, for `keys rotate`), named
+    `override_name` in errors. Raises KeyProviderError naming the field when the provider
+    cannot start; Vault is not asked anything yet, so a Vault that is down delays batches
+    instead of stopping the process.
     """
     if config.provider == "local":
         return LocalKeyring(config.keyring, create=create)
@@ -586,7 +591,7 @@ def open_key_provider(
         )
     if vault.ca_file is not None and not os.access(vault.ca_file, os.R_OK):
         raise KeyProviderError(f"keys.vault.ca_file: cannot read {vault.ca_file}", retriable=False)
-    field = "--vault-token" if token_reference is not None else "keys.vault.token"
+    field = override_name if token_reference is not None else "keys.vault.token"
     try:
         return VaultTransitKeyProvider(
             url=vault.address,

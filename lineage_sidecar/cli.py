@@ -51,28 +51,14 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace, service: Coroutine[Any, Any, None]) -> int:
     """Run an agent-side service until SIGTERM/SIGINT (or only validate with --check)."""
-    import asyncio
-    import logging
 
     if args.check:
         service.close()
         print(f"{args.config}: ok")
         return 0
-    from agent.keys import KeyProviderError
-    from agent.sink import SinkError
-    from agent.store.writer import StoreError
+    from agent.process import serve
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        asyncio.run(service)
-    except (KeyProviderError, StoreError, SinkError) as exc:
-        # Start-up failures an operator fixes (a DSN or key reference that does not
-        # resolve, a store that refuses the connection) end with one line.
-        print(f"lineage-sidecar: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return serve(service, prog="lineage-sidecar")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

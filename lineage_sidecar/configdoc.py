@@ -30,7 +30,7 @@ def _type_name(info: mi.Type) -> str:
     if isinstance(info, mi.UnionType):
         return " or ".join(_type_name(t) for t in info.types)
     if isinstance(info, mi.LiteralType):
-        return " | ".join(json.dumps(v) for v in info.values)
+        return " or ".join(json.dumps(v) for v in info.values)
     if isinstance(info, mi.ListType):
         return f"list of {_type_name(info.item_type)}"
     if isinstance(info, mi.TupleType | mi.VarTupleType):

@@ -71,7 +71,12 @@ def _cmd_keys(args: argparse.Namespace) -> int:
         keys = _keys_section(args.config)
         if keys.provider == "local" and token is not None:
             parser.error("--vault-token: keys.provider is local in the configuration")
-        provider = open_key_provider(keys, create=args.action == "rotate", token_reference=token)
+        provider = open_key_provider(
+            keys,
+            create=args.action == "rotate",
+            token_reference=token,
+            override_name="--vault-token",
+        )
         if isinstance(provider, LocalKeyring):
             return _local(provider, args.action)
         return _vault(provider, args.action)

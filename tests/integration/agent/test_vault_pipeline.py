@@ -190,6 +190,26 @@ def test_an_unresolvable_vault_token_stops_agent_and_ingest_with_one_line(tmp_pa
         )
     )
     env = {k: v for k, v in os.environ.items() if k != "LINEAGE_TEST_NO_SUCH_VAULT_TOKEN"}
+    # The module entry points the benchmarks use end the same way (each reads only its
+    # own sections).
+    sections = yaml.safe_load(config.read_text())
+    for module, drop in (("agent.agent", "store"), ("agent.ingest", "agent")):
+        own = tmp_path / f"{module}.yaml"
+        own.write_text(yaml.safe_dump({k: v for k, v in sections.items() if k != drop}))
+        result = subprocess.run(
+            [sys.executable, "-m", module, "--config", str(own)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            check=False,
+        )
+        assert result.returncode == 1, (module, result.stderr)
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"python -m {module}: keys.vault.token: environment variable "
+            "'LINEAGE_TEST_NO_SUCH_VAULT_TOKEN' is not set"
+        )
+        assert "Traceback" not in result.stderr
     for command in ("agent", "ingest"):
         checked = subprocess.run(
             [CLI, command, "--config", str(config), "--check"],

@@ -277,7 +277,11 @@ def test_vault_keys_that_cannot_start_name_the_field(
     with pytest.raises(KeyProviderError, match=r"^keys\.vault\.token: .*VAULT_TOKEN_FOR_TEST"):
         open_key_provider(vault_keys())
     with pytest.raises(KeyProviderError, match=r"^--vault-token: cannot read secret file"):
-        open_key_provider(vault_keys(), token_reference=f"file:{tmp_path / 'absent'}")
+        open_key_provider(
+            vault_keys(),
+            token_reference=f"file:{tmp_path / 'absent'}",
+            override_name="--vault-token",
+        )
     monkeypatch.setenv("VAULT_TOKEN_FOR_TEST", "s.test-token")
     with pytest.raises(KeyProviderError, match=r"^keys\.vault\.ca_file: cannot read") as ca:
         open_key_provider(
