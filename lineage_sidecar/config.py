@@ -559,6 +559,15 @@ def _check(config: Config) -> None:
             raise ConfigError(
                 f"proxy.trusted_proxies[{index}]: {cidr!r} is not an IP network"
             ) from None
+    # The agent-side sections may share this file: their own checks run here too, so
+    # `proxy --check` catches what `agent --check` or `ingest --check` would.
+    for section in ("agent", "derive", "kafka", "keys", "store", "ingest"):
+        check = getattr(getattr(config, section, None), "check", None)
+        if check is not None:
+            try:
+                check()
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
 
 
 class UpstreamAddress(msgspec.Struct, frozen=True):

@@ -286,3 +286,21 @@ def test_bad_keys_section_is_one_line_naming_the_field(
         load_keys(tmp_path, keys)
     assert "\n" not in str(info.value)
     assert "hunter2" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"keys": {"provider": "vault"}}, r"keys\.vault: required"),
+        ({"kafka": {"max_message_bytes": 10_000_000, "max_request_bytes": 2_000_000}}, "kafka"),
+    ],
+)
+def test_the_proxy_check_also_checks_the_agent_sections(section: object, message: str) -> None:
+    # One file often configures the whole sidecar; `proxy --check` must not pass what
+    # `agent --check` would refuse.
+    raw = {"proxy": {"upstream": "http://a:1"}}
+    assert isinstance(section, dict)
+    raw.update(section)
+    with pytest.raises(ConfigError, match=message) as info:
+        from_mapping(raw)
+    assert "\n" not in str(info.value)
