@@ -52,15 +52,8 @@ from proxy.authn.idp.events import AuthEvent, LoggingEventSink
 from proxy.authn.introspection import TokenIntrospector
 from proxy.authn.oidc import create_oidc_app
 from proxy.authn.principal import Principal
-from proxy.authn.saml import (
-    InProcessSamlStore,
-    RedisSamlStore,
-    SamlConfigError,
-    SamlSpConfig,
-    SamlStateStore,
-    ServiceProvider,
-    saml_app,
-)
+from proxy.authn.saml.config import SamlConfigError, SamlSpConfig
+from proxy.authn.saml.state import InProcessSamlStore, RedisSamlStore, SamlStateStore
 from proxy.authn.sessions import (
     InProcessSessionStore,
     RedisSessionStore,
@@ -428,6 +421,10 @@ class ProxyWorker:
         )
 
     async def _start_saml(self, config: SamlSpConfig, sessions: SessionManager) -> str:
+        # pysaml2 is imported only by proxies that use it (half a second of start-up).
+        from proxy.authn.saml.app import saml_app
+        from proxy.authn.saml.provider import ServiceProvider
+
         try:
             provider = await asyncio.get_running_loop().run_in_executor(
                 None, ServiceProvider.load, config

@@ -5,22 +5,6 @@
 seen assertion ids) sits behind `SamlStateStore`: `RedisSamlStore` or `InProcessSamlStore`.
 """
 
-from proxy.authn.saml.app import LoginCallback, saml_app
-from proxy.authn.saml.config import RoleMapping, SamlConfigError, SamlSpConfig
-from proxy.authn.saml.provider import ServiceProvider
-from proxy.authn.saml.returnto import UnsafeReturnTo, local_return_path
-from proxy.authn.saml.state import InProcessSamlStore, RedisSamlStore, SamlStateStore
-
-__all__ = [
-    "InProcessSamlStore",
-    "LoginCallback",
-    "RedisSamlStore",
-    "RoleMapping",
-    "SamlConfigError",
-    "SamlSpConfig",
-    "SamlStateStore",
-    "ServiceProvider",
-    "UnsafeReturnTo",
-    "local_return_path",
-    "saml_app",
-]
+# Nothing is imported here: the configuration (`config`) is read by every command, and
+# pysaml2 with its XML schemas (`provider`, `app`) takes half a second to import, which
+# only a proxy with SAML configured should pay. Import from the modules.

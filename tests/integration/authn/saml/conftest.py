@@ -21,15 +21,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
 from proxy.authn.principal import Principal
-from proxy.authn.saml import (
-    InProcessSamlStore,
-    RedisSamlStore,
-    RoleMapping,
-    SamlSpConfig,
-    SamlStateStore,
-    ServiceProvider,
-    saml_app,
-)
+from proxy.authn.saml.app import saml_app
+from proxy.authn.saml.config import RoleMapping, SamlSpConfig
+from proxy.authn.saml.provider import ServiceProvider
+from proxy.authn.saml.state import InProcessSamlStore, RedisSamlStore, SamlStateStore
 from tests.integration.authn.saml.idp import (
     AuthnRequestSeen,
     IdentityProvider,

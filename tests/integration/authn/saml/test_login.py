@@ -10,7 +10,8 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from proxy.authn.saml import RedisSamlStore, SamlConfigError
+from proxy.authn.saml.config import SamlConfigError
+from proxy.authn.saml.state import RedisSamlStore
 from tests.integration.authn.saml.conftest import ROLE_ATTRIBUTE, SiteFactory
 from tests.integration.authn.saml.idp import post_body
 

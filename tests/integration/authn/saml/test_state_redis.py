@@ -12,7 +12,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from proxy.authn.principal import AuthError
-from proxy.authn.saml import RedisSamlStore
+from proxy.authn.saml.state import RedisSamlStore
 
 
 async def test_request_taken_once_under_concurrency(redis_store: RedisSamlStore) -> None:
