@@ -20,7 +20,9 @@ import signal
 import socket
 import tempfile
 from multiprocessing.process import BaseProcess
+from multiprocessing.sharedctypes import SynchronizedString
 from pathlib import Path
+from typing import cast
 
 import uvloop
 from aiohttp import web
@@ -33,6 +35,9 @@ from proxy.authz.store import PolicyLoadError, load_snapshot
 from proxy.listener import ProxyWorker, StartupError, bind_sockets
 from proxy.metrics import ProxyMetrics
 from proxy.tls import CertificatePaths, resolve_paths
+
+# A worker's readiness reasons, in shared memory the supervisor reads.
+SharedBytes = SynchronizedString
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +136,28 @@ async def _serve_single(config: Config) -> None:
     await proxy.stop()
 
 
+# How often a worker publishes why it is not ready, and how much of that fits.
+STATUS_INTERVAL_S = 0.5
+STATUS_BYTES = 2048
+
+
+def publish_status(status: SharedBytes, reasons: list[str]) -> None:
+    """Write a worker's readiness reasons where the supervisor reads them ('' = ready)."""
+    text = "; ".join(reasons).encode("utf-8", "replace")[: STATUS_BYTES - 1]
+    # Array('c').value stops at the first NUL, so what was longer before does not linger.
+    status.value = text
+
+
+def read_status(status: SharedBytes) -> str:
+    return status.value.decode("utf-8", "replace")
+
+
 def _worker_main(
     config: Config,
     tls_paths: CertificatePaths | None,
     sock: socket.socket,
     ready: multiprocessing.synchronize.Event,
+    status: SharedBytes,
     index: int,
     workers: int,
 ) -> None:
@@ -148,8 +170,14 @@ def _worker_main(
         )
         stop = _stop_event()
         await worker.start()
+        publish_status(status, worker.readiness())
         ready.set()
-        await stop.wait()
+        # The supervisor's /readyz reports each worker's own reasons (a policy edit this
+        # worker refused, its spool full): they live in this process, so it publishes them.
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=STATUS_INTERVAL_S)
+            publish_status(status, worker.readiness())
         await worker.stop()
 
     uvloop.run(serve())
@@ -161,6 +189,7 @@ class _WorkerSlot:
         self.sock = sock
         self.process: BaseProcess | None = None
         self.ready: multiprocessing.synchronize.Event | None = None
+        self.status: SharedBytes | None = None
 
 
 async def _serve_workers(config: Config, metrics_dir: str) -> None:
@@ -173,9 +202,10 @@ async def _serve_workers(config: Config, metrics_dir: str) -> None:
 
     def spawn(slot: _WorkerSlot) -> None:
         slot.ready = ctx.Event()
+        slot.status = cast(SharedBytes, ctx.Array("c", STATUS_BYTES))
         slot.process = ctx.Process(
             target=_worker_main,
-            args=(config, tls_paths, slot.sock, slot.ready, slot.index, len(slots)),
+            args=(config, tls_paths, slot.sock, slot.ready, slot.status, slot.index, len(slots)),
             name=f"lineage-sidecar-worker-{slot.index}",
             daemon=False,
         )
@@ -190,7 +220,11 @@ async def _serve_workers(config: Config, metrics_dir: str) -> None:
             or s.ready is None
             or not s.ready.is_set()
         ]
-        return f"workers not serving: {down}" if down else None
+        reasons = [f"workers not serving: {down}"] if down else []
+        for s in slots:
+            if s.index not in down and s.status is not None and (text := read_status(s.status)):
+                reasons.append(f"worker {s.index}: {text}")
+        return "; ".join(reasons) if reasons else None
 
     for slot in slots:
         spawn(slot)

@@ -13,6 +13,7 @@ import yaml
 
 from tests.integration.proxy.conftest import CLI, run_proxy
 from tests.integration.proxy.rawhttp import Reply, get
+from tests.integration.proxy.test_gate import MODEL, POLICY, ROUTES
 
 
 def test_sigterm_drains_in_flight_requests(echo_upstream: str, tmp_path: Path) -> None:
@@ -45,6 +46,51 @@ def test_two_workers_share_the_port_and_the_metrics(echo_upstream: str, tmp_path
             and b"spawn_main" in _cmdline(int(p.name))
         ]  # fmt: skip
         assert len(workers) == 2
+
+
+def test_each_worker_reports_a_refused_policy_edit_in_readyz(
+    echo_upstream: str, tmp_path: Path
+) -> None:
+    # The policy lives in the workers; /readyz is served by the supervisor. A broken edit
+    # keeps the last good policy in every worker, and /readyz must say so for each.
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "model.conf").write_text(MODEL)
+    (policies / "policy.csv").write_text(POLICY)
+    (policies / "routes.yaml").write_text(ROUTES)
+    extra = {
+        "auth": {
+            "jwt_issuers": [
+                {"issuer": "https://idp.test", "audiences": ["a"], "shared_secret": "s" * 48}
+            ]
+        },
+        "policy": {
+            "model": str(policies / "model.conf"),
+            "policies": [str(policies / "policy.csv")],
+            "routes": str(policies / "routes.yaml"),
+            "poll_interval": 0.1,
+            "audit_log": str(tmp_path / "audit.jsonl"),
+        },
+    }
+    with run_proxy(tmp_path, echo_upstream, proxy={"workers": 2}, extra=extra) as proxy:
+        assert get(proxy.admin_port, "/readyz").status == 200
+        (policies / "policy.csv").write_text(POLICY + "p, analyst\n")
+        # Each worker notices the edit at its own poll: wait until both have said so.
+        reasons = _wait_for_readyz(proxy.admin_port, 503, "worker 0: ", "worker 1: ")
+        assert reasons.count("policy.csv:10: p line has 1 fields") == 2  # file and line
+        (policies / "policy.csv").write_text(POLICY)
+        _wait_for_readyz(proxy.admin_port, 200)
+
+
+def _wait_for_readyz(admin_port: int, status: int, *needles: str) -> str:
+    deadline = time.monotonic() + 15
+    while True:
+        reply = get(admin_port, "/readyz")
+        body = reply.body.decode()
+        if reply.status == status and all(n in body for n in needles):
+            return body
+        assert time.monotonic() < deadline, (status, reply.status, body)
+        time.sleep(0.1)
 
 
 def _parent(proc: Path) -> int:
