@@ -24,8 +24,9 @@ from proxy.authn.chain import AuthChain
 from proxy.authn.principal import AuthError, Principal
 from proxy.authz.engine import Decision, PolicyEngine
 from proxy.authz.paths import NormalizedPath, PathRejected
-from proxy.authz.routes import ResourceTemplate, RouteMatch, SqlSource
+from proxy.authz.routes import RouteMatch, SqlSource
 from proxy.authz.store import PolicySnapshot, PolicyStore, decide_principal
+from proxy.authz.templates import ResourceTemplate
 from proxy.internal import InternalBackend, longest_prefix_first
 
 NO_ROUTE = "no route matches this request: deny by default"
