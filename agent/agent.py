@@ -36,7 +36,6 @@ attributes for the metrics endpoint.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -54,11 +53,11 @@ from typing import NamedTuple
 import msgspec
 
 from agent.batch import SEAL_OVERHEAD_BYTES, BatchBuilder, EventBatch, EventTooLargeError
-from agent.config import AgentProcessConfig, load_file
+from agent.config import AgentProcessConfig
 from agent.derive import DeriveConfig, Deriver
 from agent.events import LineageEvent, encode
-from agent.keys import KeyProviderError, open_key_provider, resolve_secret_reference
-from agent.process import serve
+from agent.keys import KeyProviderError, open_key_provider
+from agent.process import module_main, resolve_dsn
 from agent.sink import DirectSink, KafkaSink, Sink, SinkError
 from agent.spool import SEGMENT_HEADER_BYTES, SpoolPosition, SpoolReader, parse_segment_name
 from agent.store.migrate import migrate
@@ -492,13 +491,6 @@ class LineageAgent:
 # ---- process entry point -----------------------------------------------------------------
 
 
-def resolve_dsn(value: str) -> str:
-    """A DSN given inline or as a `file:` / `env:` reference."""
-    if value.startswith(("file:", "env:")):
-        return resolve_secret_reference(value)
-    return value
-
-
 async def open_sink(config: AgentProcessConfig) -> Sink:
     """The sink the configuration names, connected."""
     if config.agent.sink == "kafka":
@@ -530,15 +522,13 @@ async def run_agent(config: AgentProcessConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m agent.agent", description=__doc__)
-    parser.add_argument("--config", required=True, help="YAML file (AgentProcessConfig)")
-    arguments = parser.parse_args(argv)
-    try:
-        config = load_file(arguments.config, AgentProcessConfig)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return serve(run_agent(config), prog="python -m agent.agent")
+    return module_main(
+        argv,
+        prog="python -m agent.agent",
+        description=__doc__,
+        kind=AgentProcessConfig,
+        run=run_agent,
+    )
 
 
 if __name__ == "__main__":

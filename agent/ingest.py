@@ -24,7 +24,6 @@ attributes for the metrics endpoint.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -39,11 +38,11 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from agent.batch import BatchFormatError, open_message
-from agent.config import IngestConfig, IngestProcessConfig, KafkaConfig, load_file
+from agent.config import IngestConfig, IngestProcessConfig, KafkaConfig
 from agent.crypto import DecryptError
 from agent.events import LineageEvent
-from agent.keys import KeyProvider, KeyProviderError, open_key_provider, resolve_secret_reference
-from agent.process import serve
+from agent.keys import KeyProvider, KeyProviderError, open_key_provider
+from agent.process import module_main, resolve_dsn
 from agent.store.migrate import migrate
 from agent.store.writer import StoreError, StoreWriter
 
@@ -286,9 +285,7 @@ class Ingester:
 async def run_ingester(config: IngestProcessConfig) -> None:
     """Run the ingester until SIGTERM or SIGINT."""
     provider = open_key_provider(config.keys)
-    dsn = config.store.dsn
-    if dsn.startswith(("file:", "env:")):
-        dsn = resolve_secret_reference(dsn)
+    dsn = resolve_dsn(config.store.dsn)
     if config.store.migrate:
         await migrate(dsn)
     ingester = Ingester(
@@ -305,15 +302,13 @@ async def run_ingester(config: IngestProcessConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m agent.ingest", description=__doc__)
-    parser.add_argument("--config", required=True, help="YAML file (IngestProcessConfig)")
-    arguments = parser.parse_args(argv)
-    try:
-        config = load_file(arguments.config, IngestProcessConfig)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return serve(run_ingester(config), prog="python -m agent.ingest")
+    return module_main(
+        argv,
+        prog="python -m agent.ingest",
+        description=__doc__,
+        kind=IngestProcessConfig,
+        run=run_ingester,
+    )
 
 
 if __name__ == "__main__":
