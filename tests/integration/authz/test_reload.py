@@ -191,9 +191,8 @@ async def test_rapid_edits_converge_to_the_last(
     assert seen_failures == []
 
 
-async def test_ten_thousand_rules_reload(
-    running_store: PolicyStore, policy_dir: Path, record_property: Callable[[str, object], None]
-) -> None:
+async def test_ten_thousand_rules_reload(running_store: PolicyStore, policy_dir: Path) -> None:
+    # How long the reload takes is measured by benchmarks/policy_engine.py, not here.
     policy = policy_dir / "policy.csv"
     rules = "".join(
         f"p, team{n % 1000}, dataset:db{n}.*, {'read' if n % 3 else 'write'}, allow\n"
@@ -201,30 +200,13 @@ async def test_ten_thousand_rules_reload(
     )
     text = policy.read_text(encoding="utf-8") + rules + "g, dave, team999\n"
 
-    started = time.perf_counter()
-    built = load_snapshot(policy_dir / "model.conf", [policy], policy_dir / "routes.yaml")
-    del built
-    cold_build = time.perf_counter()  # of the small file, for comparison below
-
-    swapped: list[float] = []
-    running_store.on_change = lambda snapshot: swapped.append(time.perf_counter())
-    written = time.perf_counter()
+    swapped: list[PolicySnapshot] = []
+    running_store.on_change = swapped.append
     replace_atomically(policy, text)
     await eventually(lambda: bool(swapped), "the 10,000-rule policy is in force", timeout=30)
     assert running_store.current.engine.rule_count == 10_009
     assert running_store.current.engine.decide("dave", "dataset:db1999.t", "read").allowed
     assert not running_store.current.engine.decide("dave", "dataset:db9998.t", "read").allowed
-
-    build_started = time.perf_counter()
-    load_snapshot(policy_dir / "model.conf", [policy], policy_dir / "routes.yaml")
-    build_s = time.perf_counter() - build_started
-    record_property("write_to_swap_s", round(swapped[0] - written, 3))
-    record_property("build_10k_s", round(build_s, 3))
-    record_property("build_small_s", round(cold_build - started, 3))
-    print(
-        f"\n10,000 rules: write->swap {swapped[0] - written:.3f} s, "
-        f"build {build_s:.3f} s (small policy {cold_build - started:.3f} s)"
-    )
 
 
 async def test_missing_file_keeps_the_policy_and_recovers(
