@@ -397,7 +397,10 @@ class Forwarder:
         framing, length, chunked = self._framing(request)
         pool = self.pool
         if self._gate is not None:
-            admission = exchange.admission = await self._gate.admit(request, request_id)
+            admitted = self._gate.admit(request, request_id)
+            admission = exchange.admission = (
+                admitted if isinstance(admitted, Admission) else await admitted
+            )
             base_path = None
             for backend in self._internal:
                 if backend.matches(admission.target):

@@ -88,7 +88,7 @@ def _both(chain: AuthChain, value: str) -> tuple[object, object]:
     return early, asyncio.run(full())
 
 
-def test_the_early_answer_is_a_cache_hit_of_the_same_token_only() -> None:
+def test_the_early_answer_is_a_cache_hit_of_the_same_header_only() -> None:
     bearer = BearerJWT([SECRET_ISSUER], cache_entries=100)
     chain = AuthChain([bearer])
     token = _token("alice")
@@ -96,8 +96,15 @@ def test_the_early_answer_is_a_cache_hit_of_the_same_token_only() -> None:
     assert early is None  # not verified yet: the full path verifies and caches it
     assert isinstance(full, Principal)
     assert full.id == "alice"
-    early, again = _both(chain, "bearer  " + token + " ")
+    early, again = _both(chain, "Bearer " + token)
     assert early == again == full
+    # The cache is keyed by the header exactly as verified: another spelling of the same
+    # token is verified once on its own, then answered early too.
+    respelled = "bearer  " + token + " "
+    early, again = _both(chain, respelled)
+    assert early is None
+    assert again == full
+    assert _both(chain, respelled) == (full, full)
     # Another token of the same subject, a tampered one, another scheme: never early.
     assert (
         chain.cached(CIMultiDict({"Authorization": "Bearer " + _token("alice", lifetime=601)}))
