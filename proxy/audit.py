@@ -50,15 +50,29 @@ class AuditLine(msgspec.Struct, frozen=True, kw_only=True):
     seq: int
     entry: AuditEntry
     prev: str
-    hash: str = ""
+    hash: str = ""  # last: `_hashed_line` fills it in at the end of the encoded line
 
 
 _encoder = msgspec.json.Encoder(order="deterministic")
 
 
+# How every encoded line ends before its hash is filled in: `hash` is the last field.
+_NO_HASH_TAIL = b'"hash":""}'
+
+
 def chain_hash(prev: str, seq: int, entry: AuditEntry) -> str:
+    return _hashed_line(prev, seq, entry)[0]
+
+
+def _hashed_line(prev: str, seq: int, entry: AuditEntry) -> tuple[str, bytes]:
+    """The line's hash, and the line itself: encoded once, without the hash (what is
+    hashed), and the hash put in place of the empty string at the end."""
+    prev_bytes = prev.encode()
     body = _encoder.encode(AuditLine(seq=seq, entry=entry, prev=prev))
-    return hashlib.sha256(prev.encode() + body).hexdigest()
+    digest = hashlib.sha256(prev_bytes + body).hexdigest()
+    # Struct fields are encoded in declaration order, so the body ends with the empty
+    # hash; the line is byte for byte what encoding it with the hash would give.
+    return digest, body[: -len(_NO_HASH_TAIL)] + b'"hash":"' + digest.encode() + b'"}'
 
 
 class AuditLog:
@@ -89,11 +103,8 @@ class AuditLog:
             seq, prev = self._seq, self._prev
             for entry in batch:
                 seq += 1
-                digest = chain_hash(prev, seq, entry)
-                lines.append(
-                    _encoder.encode(AuditLine(seq=seq, entry=entry, prev=prev, hash=digest))
-                )
-                prev = digest
+                prev, line = _hashed_line(prev, seq, entry)
+                lines.append(line)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             try:

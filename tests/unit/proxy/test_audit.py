@@ -163,3 +163,32 @@ def test_cli_verify(tmp_path: Path) -> None:
     )
     assert bad.returncode == 1
     assert f"{path}:1:" in bad.stderr
+
+
+_hostile_text = st.lists(
+    st.sampled_from(['"', "\\", "}", ",", ":", "hash", '"hash":""}', " ", "\n", "é", "\x00"]),
+    max_size=12,
+).map("".join)
+
+
+@given(principal=_hostile_text, path=_hostile_text, reason=_hostile_text)
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_each_line_is_its_own_encoding_with_its_hash(
+    tmp_path: Path, principal: str, path: str, reason: str
+) -> None:
+    # The writer encodes a line once and puts the hash in at the end; whatever the fields
+    # hold (quotes, `"hash":""}`), the line must be exactly the line encoded with its hash.
+    hostile = msgspec.structs.replace(entry(0), principal=principal, path=path, reason=reason)
+    log_path = tmp_path / f"audit-{len(list(tmp_path.iterdir()))}.jsonl"
+    log = AuditLog(log_path)
+    for item in (hostile, entry(1), hostile):
+        assert log.record(item)
+    asyncio.run(log.flush())
+    encoder = msgspec.json.Encoder(order="deterministic")
+    raws = log_path.read_bytes().splitlines()
+    lines = [msgspec.json.decode(raw, type=AuditLine) for raw in raws]
+    assert [encoder.encode(line) for line in lines] == raws
+    assert lines[0].entry == hostile == lines[2].entry
+    assert verify([log_path]).ok
