@@ -35,7 +35,7 @@ PUBLIC = "public route"
 NO_POLICY = "authenticated; no policy configured"
 
 
-class Admission(msgspec.Struct, gc=False):
+class Admission(msgspec.Struct, frozen=True, gc=False):
     """What the gate learned about one request; complete when it is admitted.
 
     A msgspec Struct for its C-level constructor (a third of a dataclass's cost, once per
@@ -253,49 +253,56 @@ class Gate:
         """The admission of `request`, or `Refusal`. Answered at once when nothing has to be
         waited for (a public route, a verified-token cache hit: most requests); otherwise
         what to await, which authenticates the caller and then decides the same way."""
-        admission = Admission(target=request.raw_path)
+        target = request.raw_path
+        match = None
         snapshot = self._policy.current if self._policy is not None else None
         memo = self._memo(snapshot) if snapshot is not None else None
         if memo is not None:
             try:
-                normalized, admission.match = memo.resolve(request.method, admission.target)
+                normalized, match = memo.resolve(request.method, target)
             except PathRejected as exc:
-                admission.outcome = "rejected"
-                raise Refusal(exc.status, "bad_path", exc.reason, admission) from None
-            admission.target = normalized.upstream_target
+                refused = Admission(target=target, outcome="rejected")
+                raise Refusal(exc.status, "bad_path", exc.reason, refused) from None
+            target = normalized.upstream_target
         backend = (
-            next((b for b in self._backends if b.matches(admission.target)), None)
-            if self._backends
-            else None
+            next((b for b in self._backends if b.matches(target)), None) if self._backends else None
         )
         if backend is not None and backend.public:
-            admission.outcome = "allow"
-            admission.decision = Decision(True, f"sidecar endpoint: {backend.name}")
-            self._audit_or_refuse(request, request_id, admission)
-            return admission
-        match = admission.match
+            decision = Decision(True, f"sidecar endpoint: {backend.name}")
+            return self._admit_public(request, request_id, target, match, decision)
         if match is not None and match.route.public:
-            admission.outcome = "allow"
-            admission.decision = _PUBLIC
-            self._audit_or_refuse(request, request_id, admission)
-            return admission
+            return self._admit_public(request, request_id, target, match, _PUBLIC)
         principal = self._auth.cached(request.headers)
         if principal is None:
-            return self._authenticate(request, request_id, admission, memo, backend)
-        return self._authorize(request, request_id, admission, principal, memo, backend)
+            return self._authenticate(request, request_id, target, match, memo, backend)
+        return self._authorize(request, request_id, target, match, principal, memo, backend)
+
+    def _admit_public(
+        self,
+        request: web.BaseRequest,
+        request_id: str,
+        target: str,
+        match: RouteMatch | None,
+        decision: Decision,
+    ) -> Admission:
+        admission = Admission(target=target, match=match, decision=decision, outcome="allow")
+        if self._audit is not None:
+            self._audit_or_refuse(request, request_id, admission)
+        return admission
 
     async def _authenticate(
         self,
         request: web.BaseRequest,
         request_id: str,
-        admission: Admission,
+        target: str,
+        match: RouteMatch | None,
         memo: SnapshotMemo | None,
         backend: InternalBackend | None,
     ) -> Admission:
         try:
             principal = await self._auth.authenticate(request.headers)
         except AuthError as exc:
-            admission.outcome = "unauthenticated"
+            admission = Admission(target=target, match=match, outcome="unauthenticated")
             self._audit_or_refuse(request, request_id, admission, reason=exc.reason)
             headers = {}
             if exc.status == 401:
@@ -310,10 +317,10 @@ class Gate:
             )
             raise Refusal(exc.status, exc.reason, message, admission, headers) from None
         if principal is None:
-            admission.outcome = "unauthenticated"
+            admission = Admission(target=target, match=match, outcome="unauthenticated")
             self._audit_or_refuse(request, request_id, admission, reason="no credentials")
             if self._login_url is not None and "text/html" in request.headers.get("Accept", ""):
-                location = self._login_url + quote(admission.target, safe="")
+                location = self._login_url + quote(target, safe="")
                 raise Refusal(
                     302, "login_required", "sign in first", admission, {"Location": location}
                 )
@@ -324,54 +331,66 @@ class Gate:
                 admission,
                 {"WWW-Authenticate": 'Bearer realm="lineage-sidecar"'},
             )
-        return self._authorize(request, request_id, admission, principal, memo, backend)
+        return self._authorize(request, request_id, target, match, principal, memo, backend)
 
     def _authorize(
         self,
         request: web.BaseRequest,
         request_id: str,
-        admission: Admission,
+        target: str,
+        match: RouteMatch | None,
         principal: Principal,
         memo: SnapshotMemo | None,
         backend: InternalBackend | None,
     ) -> Admission:
         """The policy's decision on the verified `principal`, audited; Refusal when denied."""
-        admission.principal = principal
-        admission.drop_authorization = not self._forward_authorization and (
-            principal.auth_method in _BEARER_METHODS
-        )
-        match = admission.match
+        decision: Decision
         if memo is None:
-            admission.decision = _NO_POLICY
+            decision = _NO_POLICY
         elif backend is not None and backend.resource is not None:
             action = "read" if request.method in ("GET", "HEAD") else "write"
-            admission.decision = memo.decide(principal, backend.resource, action)
+            decision = memo.decide(principal, backend.resource, action)
         elif match is None:
-            admission.decision = _NO_ROUTE
+            decision = _NO_ROUTE
         else:
-            admission.decision = memo.decide(principal, match.resource, match.action)
+            decision = memo.decide(principal, match.resource, match.action)
             source = match.route.sql
-            if admission.decision.allowed and source is not None and source.tables is not None:
+            if decision.allowed and source is not None and source.tables is not None:
                 sql = sql_from_query(match.path.query, source.param)
                 if sql is not None:
-                    admission.decision = sql_decision(
+                    decision = sql_decision(
                         memo.snapshot.engine, principal, match, source, source.tables, sql
                     )
-        admission.outcome = "allow" if admission.decision.allowed else "deny"
-        self._audit_or_refuse(request, request_id, admission)
-        if not admission.decision.allowed:
-            raise Refusal(403, "forbidden", admission.decision.reason, admission)
-        # Cached principals are the same object request after request: their header
-        # lines are built once. The entry holds the principal, so its id is not reused.
+        allowed = decision.allowed
+        # Built once, with every field: setting a Struct's fields one by one costs more.
+        admission = Admission(
+            target=target,
+            principal=principal,
+            match=match,
+            decision=decision,
+            outcome="allow" if allowed else "deny",
+            identity=self._identity_lines(principal) if allowed else b"",
+            drop_authorization=not self._forward_authorization
+            and principal.auth_method in _BEARER_METHODS,
+        )
+        if self._audit is not None:
+            self._audit_or_refuse(request, request_id, admission)
+        if not allowed:
+            raise Refusal(403, "forbidden", decision.reason, admission)
+        return admission
+
+    def _identity_lines(self, principal: Principal) -> bytes:
+        """The identity header lines for `principal`. Cached principals are the same object
+        request after request: their lines are built once. The entry holds the principal,
+        so its id is not reused while it is remembered."""
         known = self._identities.get(id(principal))
         if known is not None and known[0] is principal:
-            admission.identity = known[1]
-        else:
-            if len(self._identities) >= IDENTITY_ENTRIES:
-                self._identities.clear()
-            admission.identity = self._identity(principal)
-            self._identities[id(principal)] = (principal, admission.identity)
-        return admission
+            return known[1]
+        if len(self._identities) >= IDENTITY_ENTRIES:
+            self._identities.clear()
+        lines = self._identity(principal)
+        self._identities[id(principal)] = (principal, lines)
+        return lines
 
     def _identity(self, principal: Principal) -> bytes:
         user, email, roles, groups, issuer = self._names

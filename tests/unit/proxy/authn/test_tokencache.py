@@ -125,3 +125,22 @@ def test_configs_that_differ_in_issuer_or_audience_never_share_cache_entries(
         assert found == _principal(issuer=issuer_a)
     else:
         assert found is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(head_a=st.text(max_size=40), head_b=st.text(max_size=40), tail=st.text(max_size=40))
+def test_tokens_that_end_alike_never_answer_for_each_other(
+    head_a: str, head_b: str, tail: str
+) -> None:
+    # Entries are found by the token's end: a token that shares it must still miss.
+    first, second = head_a + tail, head_b + tail
+    cache = VerifiedTokenCache(clock=FakeClock())
+    cache.put(first, "s", _principal(issuer="https://first"))
+    if second != first:
+        assert cache.get(second, "s") is None
+        cache.put(second, "s", _principal(issuer="https://second"))
+        assert cache.get(second, "s") == _principal(issuer="https://second")
+        found = cache.get(first, "s")
+        assert found is None or found == _principal(issuer="https://first")
+    else:
+        assert cache.get(first, "s") == _principal(issuer="https://first")
