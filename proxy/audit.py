@@ -8,10 +8,12 @@ continues the chain of the one before it (`prev` of its first line), so rotated 
 verify together, and a cut at the start of a file is visible as a chain that does not
 begin at the genesis hash unless the previous file is given.
 
-The request path only appends the decision to a list (`record`); a background task
-hashes, writes and fsyncs batches from a thread. Nothing is dropped: when `max_pending`
-decisions wait (the disk is stuck), `record` returns False and the caller refuses the
-request (fail closed) rather than serve it unaudited.
+The request path only appends the decision to a list (`record`, or `record_decision`
+with a `DecisionTail` made once for every request decided the same way); a background
+task puts lines together, hashes, writes and fsyncs them in batches from a thread.
+Nothing is dropped: when `max_pending` decisions wait (the disk is stuck), `record`
+returns False and the caller refuses the request (fail closed) rather than serve it
+unaudited.
 """
 
 from __future__ import annotations
@@ -30,8 +32,11 @@ GENESIS = "0" * 64
 FLUSH_INTERVAL = 0.1
 
 
-class AuditEntry(msgspec.Struct, frozen=True, kw_only=True):
-    """One decision, as the proxy made it."""
+class AuditEntry(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """One decision, as the proxy made it. `time_ns` and `request_id` come first: every
+    field after them is the `DecisionTail`, shared by requests decided the same way.
+    Untracked by the cycle collector: it holds only strings, numbers and a tuple of them.
+    """
 
     time_ns: int
     request_id: str
@@ -50,29 +55,91 @@ class AuditLine(msgspec.Struct, frozen=True, kw_only=True):
     seq: int
     entry: AuditEntry
     prev: str
-    hash: str = ""  # last: `_hashed_line` fills it in at the end of the encoded line
+    hash: str = ""  # last: `_hashed_line` hashes the line with it empty, then fills it in
 
 
 _encoder = msgspec.json.Encoder(order="deterministic")
 
+# Struct fields are encoded in declaration order, so an encoded entry starts with these
+# two fields; with them zero and empty, this is how it starts.
+_ENTRY_HEAD = b'{"time_ns":0,"request_id":"",'
 
-# How every encoded line ends before its hash is filled in: `hash` is the last field.
-_NO_HASH_TAIL = b'"hash":""}'
+
+class DecisionTail(bytes):
+    """An entry encoded from its third field on (`method` ... `reason`, and its closing
+    brace): what is the same for every request decided the same way."""
+
+    __slots__ = ()
+
+
+def decision_tail(entry: AuditEntry) -> DecisionTail:
+    """`entry` encoded without `time_ns` and `request_id`."""
+    blank = msgspec.structs.replace(entry, time_ns=0, request_id="")
+    try:
+        encoded = _encoder.encode(blank)
+    except UnicodeEncodeError:
+        # Text that was not valid UTF-8 (lone surrogates: a JSON claim may carry one)
+        # cannot be encoded as it is; it is written escaped rather than lose the decision.
+        encoded = _encoder.encode(_escaped_entry(blank))
+    return DecisionTail(encoded[len(_ENTRY_HEAD) :])
+
+
+def _escaped(text: str) -> str:
+    """`text` with lone surrogates as `\\udcff` escapes, the rest unchanged."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _escaped_entry(entry: AuditEntry) -> AuditEntry:
+    def maybe(text: str | None) -> str | None:
+        return None if text is None else _escaped(text)
+
+    return msgspec.structs.replace(
+        entry,
+        request_id=_escaped(entry.request_id),
+        principal=maybe(entry.principal),
+        roles=tuple(_escaped(role) for role in entry.roles),
+        method=_escaped(entry.method),
+        path=_escaped(entry.path),
+        resource=maybe(entry.resource),
+        action=maybe(entry.action),
+        decision=_escaped(entry.decision),
+        rule=maybe(entry.rule),
+        reason=_escaped(entry.reason),
+    )
+
+
+def _json_text(text: str) -> bytes:
+    try:
+        return _encoder.encode(text)
+    except UnicodeEncodeError:
+        return _encoder.encode(_escaped(text))
 
 
 def chain_hash(prev: str, seq: int, entry: AuditEntry) -> str:
-    return _hashed_line(prev, seq, entry)[0]
+    return _hashed_line(prev, seq, entry.time_ns, entry.request_id, decision_tail(entry))[0]
 
 
-def _hashed_line(prev: str, seq: int, entry: AuditEntry) -> tuple[str, bytes]:
-    """The line's hash, and the line itself: encoded once, without the hash (what is
-    hashed), and the hash put in place of the empty string at the end."""
+def _hashed_line(
+    prev: str, seq: int, time_ns: int, request_id: str, tail: DecisionTail
+) -> tuple[str, bytes]:
+    """The line's hash, and the line itself.
+
+    The line is put together from its parts, byte for byte what encoding its `AuditLine`
+    gives (a property test holds it to that): the writer encodes only the request id, the
+    rest of the entry was encoded once per way of deciding. What is hashed is `prev` and
+    the line with an empty `hash`, which is last; the hash then takes that empty
+    string's place.
+    """
     prev_bytes = prev.encode()
-    body = _encoder.encode(AuditLine(seq=seq, entry=entry, prev=prev))
-    digest = hashlib.sha256(prev_bytes + body).hexdigest()
-    # Struct fields are encoded in declaration order, so the body ends with the empty
-    # hash; the line is byte for byte what encoding it with the hash would give.
-    return digest, body[: -len(_NO_HASH_TAIL)] + b'"hash":"' + digest.encode() + b'"}'
+    head = b'{"seq":%d,"entry":{"time_ns":%d,"request_id":%b,%b,"prev":"%b",' % (
+        seq,
+        time_ns,
+        _json_text(request_id),
+        tail,
+        prev_bytes,
+    )
+    digest = hashlib.sha256(prev_bytes + head + b'"hash":""}').hexdigest()
+    return digest, head + b'"hash":"' + digest.encode() + b'"}'
 
 
 class AuditLog:
@@ -81,29 +148,33 @@ class AuditLog:
     def __init__(self, path: Path, *, max_pending: int = 1_000_000) -> None:
         self.path = path
         self._max_pending = max_pending
-        self._pending: list[AuditEntry] = []
+        self._pending: list[tuple[int, str, DecisionTail]] = []
         self._lock = threading.Lock()  # the chain state is the writer thread's
         self._seq, self._prev = _tail(path)
         self.written = 0
 
     def record(self, entry: AuditEntry) -> bool:
         """Queue a decision; False means the log is stuck and the request must be refused."""
+        return self.record_decision(entry.time_ns, entry.request_id, decision_tail(entry))
+
+    def record_decision(self, time_ns: int, request_id: str, tail: DecisionTail) -> bool:
+        """`record` for a decision whose tail was encoded before (`decision_tail`)."""
         if len(self._pending) >= self._max_pending:
             return False
-        self._pending.append(entry)
+        self._pending.append((time_ns, request_id, tail))
         return True
 
     @property
     def pending(self) -> int:
         return len(self._pending)
 
-    def _write(self, batch: list[AuditEntry]) -> None:
+    def _write(self, batch: list[tuple[int, str, DecisionTail]]) -> None:
         with self._lock:
             lines = []
             seq, prev = self._seq, self._prev
-            for entry in batch:
+            for time_ns, request_id, tail in batch:
                 seq += 1
-                prev, line = _hashed_line(prev, seq, entry)
+                prev, line = _hashed_line(prev, seq, time_ns, request_id, tail)
                 lines.append(line)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from agent.derive.sql import SqlUnparsed, tables_and_columns
 from lineage_sidecar.config import IdentityHeadersConfig
-from proxy.audit import AuditEntry, AuditLog
+from proxy.audit import AuditEntry, AuditLog, DecisionTail, decision_tail
 from proxy.authn.chain import AuthChain
 from proxy.authn.principal import AuthError, Principal
 from proxy.authz.engine import Decision, PolicyEngine
@@ -51,6 +51,9 @@ class Admission(msgspec.Struct, frozen=True, gc=False):
     identity: bytes = b""
     # The Authorization header carried the verified credential and is not to go upstream.
     drop_authorization: bool = False
+    # The audit entry of this decision after its time and request id, when the same
+    # admission answers later requests (see `SnapshotMemo.admissions`).
+    audit_tail: DecisionTail | None = None
 
 
 class Refusal(Exception):
@@ -160,14 +163,21 @@ class SnapshotMemo:
     normalization, route matching and the policy walk. Bounded: emptied when full, so a
     flood of distinct paths or identities costs memory up to the bound and no more.
     Refusals (rejected paths) are not remembered.
+
+    `admissions` goes one step further for the common request (a route matched, the
+    caller's principal served from the token cache): the whole admission, audit tail
+    included, by the identities of the principal and the route match objects, which are
+    the same objects request after request. Each entry holds both, so neither id is
+    reused while it is remembered.
     """
 
-    __slots__ = ("_decisions", "_routes", "snapshot")
+    __slots__ = ("_decisions", "_routes", "admissions", "snapshot")
 
     def __init__(self, snapshot: PolicySnapshot) -> None:
         self.snapshot = snapshot
         self._routes: dict[tuple[str, str], tuple[NormalizedPath, RouteMatch | None]] = {}
         self._decisions: dict[tuple[str, tuple[str, ...], str, str], Decision] = {}
+        self.admissions: dict[tuple[int, int], tuple[Principal, RouteMatch, Admission]] = {}
 
     def resolve(self, method: str, raw_target: str) -> tuple[NormalizedPath, RouteMatch | None]:
         key = (method, raw_target)
@@ -344,6 +354,17 @@ class Gate:
         backend: InternalBackend | None,
     ) -> Admission:
         """The policy's decision on the verified `principal`, audited; Refusal when denied."""
+        if memo is not None and match is not None and backend is None:
+            known = memo.admissions.get((id(principal), id(match)))
+            # The match object comes with its target from the route memo; the check on
+            # the target only keeps this correct should that ever change.
+            if (
+                known is not None
+                and known[0] is principal
+                and known[1] is match
+                and known[2].target is target
+            ):
+                return self._admitted(request, request_id, known[2])
         decision: Decision
         if memo is None:
             decision = _NO_POLICY
@@ -373,10 +394,24 @@ class Gate:
             drop_authorization=not self._forward_authorization
             and principal.auth_method in _BEARER_METHODS,
         )
+        if memo is not None and match is not None and backend is None:
+            if self._audit is not None:
+                tail = decision_tail(self._audit_entry(request, "", admission, None))
+                admission = msgspec.structs.replace(admission, audit_tail=tail)
+            if len(memo.admissions) >= MEMO_ENTRIES:
+                memo.admissions.clear()
+            memo.admissions[(id(principal), id(match))] = (principal, match, admission)
+        return self._admitted(request, request_id, admission)
+
+    def _admitted(
+        self, request: web.BaseRequest, request_id: str, admission: Admission
+    ) -> Admission:
+        """`admission` audited, and returned if it allows the request; Refusal if not."""
         if self._audit is not None:
             self._audit_or_refuse(request, request_id, admission)
-        if not allowed:
-            raise Refusal(403, "forbidden", decision.reason, admission)
+        if admission.outcome != "allow":
+            reason = admission.decision.reason if admission.decision is not None else NO_ROUTE
+            raise Refusal(403, "forbidden", reason, admission)
         return admission
 
     def _identity_lines(self, principal: Principal) -> bytes:
@@ -414,10 +449,23 @@ class Gate:
     ) -> None:
         if self._audit is None:
             return
+        if reason is None and admission.audit_tail is not None:
+            recorded = self._audit.record_decision(time.time_ns(), request_id, admission.audit_tail)
+        else:
+            recorded = self._audit.record(self._audit_entry(request, request_id, admission, reason))
+        if not recorded:
+            raise Refusal(
+                503, "audit_unavailable", "decisions cannot be audited now; refusing", admission
+            )
+
+    @staticmethod
+    def _audit_entry(
+        request: web.BaseRequest, request_id: str, admission: Admission, reason: str | None
+    ) -> AuditEntry:
         decision = admission.decision
         match = admission.match
         principal = admission.principal
-        entry = AuditEntry(
+        return AuditEntry(
             time_ns=time.time_ns(),
             request_id=request_id,
             principal=principal.id if principal is not None else None,
@@ -430,7 +478,3 @@ class Gate:
             rule=_rule_text(decision),
             reason=reason or (decision.reason if decision is not None else admission.outcome),
         )
-        if not self._audit.record(entry):
-            raise Refusal(
-                503, "audit_unavailable", "decisions cannot be audited now; refusing", admission
-            )

@@ -331,6 +331,30 @@ def test_every_decision_is_audited_in_an_intact_chain(gated: GatedProxy) -> None
     assert verify([gated.audit]).ok
 
 
+def test_a_decision_made_again_is_audited_again(gated: GatedProxy) -> None:
+    # The second and third requests reuse the first one's admission (same cached principal,
+    # same route match): each is still its own audit line, with its own id and time.
+    token = gated.issuer.token("repeat-reader", ["analyst"])
+    replies = [gated.call("GET", "/sales/secret.json", token) for _ in range(3)]
+    assert [reply.status for reply in replies] == [403, 403, 403]
+    ids = {reply.header("X-Request-Id") for reply in replies}
+    assert len(ids) == 3
+    deadline = time.monotonic() + 5
+    mine: list[dict[str, Any]] = []
+    while time.monotonic() < deadline and len(mine) < 3:
+        time.sleep(0.1)
+        lines = gated.audit.read_text().splitlines() if gated.audit.exists() else []
+        mine = [
+            entry
+            for entry in (json.loads(line)["entry"] for line in lines)
+            if entry["principal"] == "repeat-reader"
+        ]
+    assert {entry["request_id"] for entry in mine} == ids
+    assert all(entry["decision"] == "deny" for entry in mine)
+    assert len({entry["time_ns"] for entry in mine}) == 3
+    assert verify([gated.audit]).ok
+
+
 def test_capture_records_reach_the_spool_including_denials(gated: GatedProxy) -> None:
     token = gated.issuer.token("alice", ["analyst"])
     marker = f"/sales.json?sql=select+*+from+orders+where+id%3D{int(time.time() * 1000)}"
@@ -400,6 +424,13 @@ def test_policy_edit_takes_effect_without_failed_requests(gated: GatedProxy) -> 
             time.sleep(0.05)
         assert status == 200
         assert get(gated.proxy.admin_port, "/readyz").status == 200
+        # And back: what the old version allowed is not remembered past the new one.
+        publish(original)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and status != 403:
+            status = gated.call("GET", "/sales/orders.json", token).status
+            time.sleep(0.05)
+        assert status == 403
     finally:
         stop.set()
         worker.join(10)

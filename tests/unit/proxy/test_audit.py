@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.audit import GENESIS, AuditEntry, AuditLine, AuditLog, verify
+from proxy.audit import GENESIS, AuditEntry, AuditLine, AuditLog, decision_tail, verify
 
 
 def entry(index: int, decision: str = "allow") -> AuditEntry:
@@ -171,24 +172,77 @@ _hostile_text = st.lists(
 ).map("".join)
 
 
-@given(principal=_hostile_text, path=_hostile_text, reason=_hostile_text)
+@given(
+    principal=_hostile_text,
+    path=_hostile_text,
+    reason=_hostile_text,
+    request_id=_hostile_text,
+    roles=st.lists(_hostile_text, max_size=3).map(tuple),
+    rule=st.none() | _hostile_text,
+    time_ns=st.integers(min_value=0, max_value=2**63 - 1),
+)
 @settings(
     max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 def test_each_line_is_its_own_encoding_with_its_hash(
-    tmp_path: Path, principal: str, path: str, reason: str
+    tmp_path: Path,
+    principal: str,
+    path: str,
+    reason: str,
+    request_id: str,
+    roles: tuple[str, ...],
+    rule: str | None,
+    time_ns: int,
 ) -> None:
-    # The writer encodes a line once and puts the hash in at the end; whatever the fields
-    # hold (quotes, `"hash":""}`), the line must be exactly the line encoded with its hash.
-    hostile = msgspec.structs.replace(entry(0), principal=principal, path=path, reason=reason)
+    # The writer puts a line together from parts (the decision's tail was encoded once,
+    # on the request path) and the hash in at the end; whatever the fields hold (quotes,
+    # `"hash":""}`), the line must be exactly its AuditLine encoded, and its hash SHA-256
+    # over `prev` and that encoding with an empty hash.
+    hostile = msgspec.structs.replace(
+        entry(0),
+        principal=principal,
+        path=path,
+        reason=reason,
+        request_id=request_id,
+        roles=roles,
+        rule=rule,
+        time_ns=time_ns,
+    )
     log_path = tmp_path / f"audit-{len(list(tmp_path.iterdir()))}.jsonl"
     log = AuditLog(log_path)
-    for item in (hostile, entry(1), hostile):
-        assert log.record(item)
+    assert log.record(hostile)
+    assert log.record(entry(1))
+    assert log.record_decision(7, request_id, decision_tail(hostile))
     asyncio.run(log.flush())
     encoder = msgspec.json.Encoder(order="deterministic")
     raws = log_path.read_bytes().splitlines()
     lines = [msgspec.json.decode(raw, type=AuditLine) for raw in raws]
     assert [encoder.encode(line) for line in lines] == raws
-    assert lines[0].entry == hostile == lines[2].entry
+    prev = GENESIS
+    for line in lines:
+        unhashed = encoder.encode(msgspec.structs.replace(line, hash=""))
+        assert line.prev == prev
+        assert line.hash == hashlib.sha256(prev.encode() + unhashed).hexdigest()
+        prev = line.hash
+    assert lines[0].entry == hostile
+    assert lines[2].entry == msgspec.structs.replace(hostile, time_ns=7)
+    assert verify([log_path]).ok
+
+
+def test_text_that_is_not_unicode_is_written_escaped_not_lost(tmp_path: Path) -> None:
+    # A JSON claim or a login name may carry a lone surrogate ("\udcff"), which no
+    # UTF-8 encoder takes: the decision is still recorded, visibly escaped, and verifies.
+    log_path = tmp_path / "audit.jsonl"
+    log = AuditLog(log_path)
+    odd = msgspec.structs.replace(
+        entry(0), principal="a\udcffb", roles=("r\ud800",), request_id="id\udc80"
+    )
+    assert log.record(odd)
+    assert log.record(entry(1))
+    asyncio.run(log.flush())
+    lines = [msgspec.json.decode(raw, type=AuditLine) for raw in log_path.read_bytes().splitlines()]
+    assert lines[0].entry.principal == "a\\udcffb"
+    assert lines[0].entry.roles == ("r\\ud800",)
+    assert lines[0].entry.request_id == "id\\udc80"
+    assert lines[1].entry == entry(1)
     assert verify([log_path]).ok
