@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from agent.capture import CaptureRecord, Decision
+from agent.capture import CAPTURE_VERSION, CaptureRecord, Decision
 from agent.spool import SpoolFullError, SpoolWriter
 from proxy.gate import Admission, sql_from_query
 
@@ -101,30 +101,33 @@ class Tap:
             for name, lower in self._correlation
             if (value := headers.get(name)) is not None
         }
+        # Positional, in CaptureRecord's field order (see there why); a unit test holds
+        # every field of a tapped record to what it must be.
         record = CaptureRecord(
-            request_id=request_id,
-            time_ns=time_ns,
-            service=self._service,
-            principal=principal.id if principal is not None else None,
-            roles=principal.roles if principal is not None else (),
-            method=request.method,
-            path=path,
-            query=query,
-            route=match.route.name if match is not None else None,
-            resource=match.resource if match is not None else None,
-            action=match.action if match is not None else None,
-            decision=_OUTCOMES.get(admission.outcome, "none") if admission is not None else "none",
-            rule=", ".join(decision.rule) if decision is not None and decision.rule else None,
-            status=status,
-            bytes_in=bytes_in,
-            bytes_out=bytes_out,
-            duration_us=int(duration_s * 1_000_000),
-            traceparent=headers.get("traceparent"),
-            tracestate=headers.get("tracestate"),
-            correlation=correlation,
-            sql=sql,
-            sql_dialect=dialect,
-            body_excerpt=excerpt_text,
+            request_id,
+            time_ns,
+            self._service,
+            request.method,
+            path,
+            status,
+            CAPTURE_VERSION,
+            principal.id if principal is not None else None,
+            principal.roles if principal is not None else (),
+            query,
+            match.route.name if match is not None else None,
+            match.resource if match is not None else None,
+            match.action if match is not None else None,
+            _OUTCOMES.get(admission.outcome, "none") if admission is not None else "none",
+            ", ".join(decision.rule) if decision is not None and decision.rule else None,
+            bytes_in,
+            bytes_out,
+            int(duration_s * 1_000_000),
+            headers.get("traceparent"),
+            headers.get("tracestate"),
+            correlation,
+            sql,
+            dialect,
+            excerpt_text,
         )
         # fail_open: never wait, a full spool drops and counts. block: the handler waits
         # for space before its response goes out, so a stuck agent slows clients down

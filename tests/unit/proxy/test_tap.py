@@ -1,0 +1,112 @@
+"""The tap's record carries every fact of the request, each in its own field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aiohttp.test_utils import make_mocked_request
+from multidict import CIMultiDict
+
+from agent.capture import CaptureRecord
+from agent.spool import SpoolOptions, SpoolReader, SpoolWriter
+from proxy.authn.principal import Principal
+from proxy.authz.engine import Decision
+from proxy.authz.store import build_snapshot
+from proxy.gate import Admission
+from proxy.tap import Tap
+
+POLICIES = Path(__file__).resolve().parents[3] / "policies"
+
+
+def tapped(tmp_path: Path, admission: Admission | None, headers: dict[str, str]) -> CaptureRecord:
+    spool = SpoolWriter(tmp_path / "spool", SpoolOptions())
+    tap = Tap(spool, service="http://sales.test", correlation_headers=("X-Job-Run",))
+    request = make_mocked_request("GET", "/ignored", headers=CIMultiDict(headers))
+    waiting = tap.record(
+        request,
+        request_id="req-1",
+        time_ns=1_700_000_000_123_456_789,
+        status=200,
+        bytes_in=17,
+        bytes_out=4321,
+        duration_s=0.0025,
+        admission=admission,
+        body_excerpt=None,
+    )
+    assert waiting is None
+    spool.close()
+    reader = SpoolReader(tmp_path / "spool")
+    try:
+        [(_, record)] = reader.read_batch(10)
+    finally:
+        reader.close()
+    return record
+
+
+def test_an_admitted_sql_request_fills_every_field(tmp_path: Path) -> None:
+    snapshot = build_snapshot(
+        ("model.conf", (POLICIES / "model.conf").read_bytes()),
+        [("policy.csv", b"p, analyst, database:sales, read, allow\n")],
+        ("routes.yaml", (POLICIES / "routes.yaml").read_bytes()),
+    )
+    normalized, match = snapshot.routes.resolve("GET", "/sales?sql=select+id+from+orders")
+    assert match is not None
+    principal = Principal(id="alice", issuer="i", auth_method="jwt", roles=("analyst", "eu"))
+    admission = Admission(
+        target=normalized.upstream_target,
+        principal=principal,
+        match=match,
+        decision=Decision(
+            True, "allowed", rule=("analyst", "database:sales", "read"), source="p:1"
+        ),
+        outcome="allow",
+    )
+    record = tapped(
+        tmp_path,
+        admission,
+        {
+            "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "tracestate": "vendor=1",
+            "X-Job-Run": "nightly-42",
+            "X-Other": "not copied",
+        },
+    )
+    assert record == CaptureRecord(
+        request_id="req-1",
+        time_ns=1_700_000_000_123_456_789,
+        service="http://sales.test",
+        method="GET",
+        path="/sales",
+        status=200,
+        principal="alice",
+        roles=("analyst", "eu"),
+        query="sql=select+id+from+orders",
+        route="database",
+        resource="database:sales",
+        action="read",
+        decision="allow",
+        rule="analyst, database:sales, read",
+        bytes_in=17,
+        bytes_out=4321,
+        duration_us=2500,
+        traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        tracestate="vendor=1",
+        correlation={"x-job-run": "nightly-42"},
+        sql="select id from orders",
+        sql_dialect="sqlite",
+    )
+
+
+def test_a_request_the_gate_never_saw_keeps_its_raw_target(tmp_path: Path) -> None:
+    record = tapped(tmp_path, None, {})
+    assert record == CaptureRecord(
+        request_id="req-1",
+        time_ns=1_700_000_000_123_456_789,
+        service="http://sales.test",
+        method="GET",
+        path="/ignored",
+        status=200,
+        bytes_in=17,
+        bytes_out=4321,
+        duration_us=2500,
+    )
