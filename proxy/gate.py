@@ -33,6 +33,7 @@ from proxy.internal import InternalBackend, longest_prefix_first
 NO_ROUTE = "no route matches this request: deny by default"
 PUBLIC = "public route"
 NO_POLICY = "authenticated; no policy configured"
+AUDIT_STUCK = "decisions cannot be audited now; refusing"
 
 
 class Admission(msgspec.Struct, frozen=True, gc=False):
@@ -354,7 +355,22 @@ class Gate:
         backend: InternalBackend | None,
     ) -> Admission:
         """The policy's decision on the verified `principal`, audited; Refusal when denied."""
-        if memo is not None and match is not None and backend is None:
+        if memo is None:
+            # No policy configured: every verified caller is admitted.
+            admission = Admission(
+                target,
+                principal,
+                match,
+                _NO_POLICY,
+                "allow",
+                self._identity_lines(principal),
+                # `_drops_authorization`, written out: this runs for every request.
+                not self._forward_authorization and principal.auth_method in _BEARER_METHODS,
+            )
+            if self._audit is not None:
+                self._audit_or_refuse(request, request_id, admission)
+            return admission
+        if match is not None and backend is None:
             known = memo.admissions.get((id(principal), id(match)))
             # The match object comes with its target from the route memo; the check on
             # the target only keeps this correct should that ever change.
@@ -364,11 +380,22 @@ class Gate:
                 and known[1] is match
                 and known[2].target is target
             ):
-                return self._admitted(request, request_id, known[2])
+                admission = known[2]
+                # `_admitted`, written out for the most common request of all.
+                tail = admission.audit_tail
+                if (
+                    tail is not None
+                    and self._audit is not None
+                    and not self._audit.record_decision(time.time_ns(), request_id, tail)
+                ):
+                    raise Refusal(503, "audit_unavailable", AUDIT_STUCK, admission)
+                if admission.outcome != "allow":
+                    decided = admission.decision
+                    reason = decided.reason if decided is not None else NO_ROUTE
+                    raise Refusal(403, "forbidden", reason, admission)
+                return admission
         decision: Decision
-        if memo is None:
-            decision = _NO_POLICY
-        elif backend is not None and backend.resource is not None:
+        if backend is not None and backend.resource is not None:
             action = "read" if request.method in ("GET", "HEAD") else "write"
             decision = memo.decide(principal, backend.resource, action)
         elif match is None:
@@ -383,18 +410,18 @@ class Gate:
                         memo.snapshot.engine, principal, match, source, source.tables, sql
                     )
         allowed = decision.allowed
-        # Built once, with every field: setting a Struct's fields one by one costs more.
+        # Built once, with every field, by position (Admission's field order): setting a
+        # Struct's fields one by one, or matching keywords, costs more.
         admission = Admission(
-            target=target,
-            principal=principal,
-            match=match,
-            decision=decision,
-            outcome="allow" if allowed else "deny",
-            identity=self._identity_lines(principal) if allowed else b"",
-            drop_authorization=not self._forward_authorization
-            and principal.auth_method in _BEARER_METHODS,
+            target,
+            principal,
+            match,
+            decision,
+            "allow" if allowed else "deny",
+            self._identity_lines(principal) if allowed else b"",
+            self._drops_authorization(principal),
         )
-        if memo is not None and match is not None and backend is None:
+        if match is not None and backend is None:
             if self._audit is not None:
                 tail = decision_tail(self._audit_entry(request, "", admission, None))
                 admission = msgspec.structs.replace(admission, audit_tail=tail)
@@ -402,6 +429,11 @@ class Gate:
                 memo.admissions.clear()
             memo.admissions[(id(principal), id(match))] = (principal, match, admission)
         return self._admitted(request, request_id, admission)
+
+    def _drops_authorization(self, principal: Principal) -> bool:
+        """Whether the Authorization header carried `principal`'s credential and so is not
+        to go upstream (unless configured to)."""
+        return not self._forward_authorization and principal.auth_method in _BEARER_METHODS
 
     def _admitted(
         self, request: web.BaseRequest, request_id: str, admission: Admission
@@ -454,9 +486,7 @@ class Gate:
         else:
             recorded = self._audit.record(self._audit_entry(request, request_id, admission, reason))
         if not recorded:
-            raise Refusal(
-                503, "audit_unavailable", "decisions cannot be audited now; refusing", admission
-            )
+            raise Refusal(503, "audit_unavailable", AUDIT_STUCK, admission)
 
     @staticmethod
     def _audit_entry(
