@@ -147,7 +147,9 @@ def sql_decision(
 
 
 MEMO_ENTRIES = 50_000
+# Entries that hold a principal (about a kilobyte each with an admission): fewer.
 IDENTITY_ENTRIES = 10_000
+ADMISSION_ENTRIES = 10_000
 # Principals proved by the Authorization header (a JWT, or an introspected opaque token).
 _BEARER_METHODS = frozenset({"jwt", "introspection"})
 # Decisions that depend on nothing but the configuration, made once.
@@ -425,7 +427,7 @@ class Gate:
             if self._audit is not None:
                 tail = decision_tail(self._audit_entry(request, "", admission, None))
                 admission = msgspec.structs.replace(admission, audit_tail=tail)
-            if len(memo.admissions) >= MEMO_ENTRIES:
+            if len(memo.admissions) >= ADMISSION_ENTRIES:
                 memo.admissions.clear()
             memo.admissions[(id(principal), id(match))] = (principal, match, admission)
         return self._admitted(request, request_id, admission)
