@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tempfile
 import time
 from pathlib import Path
 
 import jwt as pyjwt
 from aiohttp.test_utils import make_mocked_request
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from lineage_sidecar.config import IdentityHeadersConfig
@@ -37,7 +40,7 @@ def token(subject: str, roles: list[str]) -> str:
     return pyjwt.encode({**claims, "roles": roles}, SECRET, algorithm="HS256")
 
 
-def make_gate(tmp_path: Path, *, max_pending: int) -> tuple[Gate, AuditLog]:
+def make_gate(tmp_path: Path, *, max_pending: int) -> tuple[Gate, AuditLog, PolicyStore]:
     (tmp_path / "policy.csv").write_text(POLICY)
     store = PolicyStore(
         POLICIES / "model.conf", [tmp_path / "policy.csv"], POLICIES / "routes.yaml"
@@ -50,7 +53,7 @@ def make_gate(tmp_path: Path, *, max_pending: int) -> tuple[Gate, AuditLog]:
         audit=audit,
         identity=IdentityHeadersConfig(),
     )
-    return gate, audit
+    return gate, audit, store
 
 
 async def admit(gate: Gate, path: str, bearer: str, request_id: str) -> Admission | Refusal:
@@ -66,7 +69,7 @@ async def admit(gate: Gate, path: str, bearer: str, request_id: str) -> Admissio
 def test_a_remembered_allow_is_audited_each_time_and_fails_closed_when_the_log_is_stuck(
     tmp_path: Path,
 ) -> None:
-    gate, audit = make_gate(tmp_path, max_pending=3)
+    gate, audit, _ = make_gate(tmp_path, max_pending=3)
     alice = token("alice", ["analyst"])
 
     async def run() -> list[Admission | Refusal]:
@@ -88,7 +91,7 @@ def test_a_remembered_allow_is_audited_each_time_and_fails_closed_when_the_log_i
 
 
 def test_a_remembered_denial_is_refused_and_audited_each_time(tmp_path: Path) -> None:
-    gate, audit = make_gate(tmp_path, max_pending=1000)
+    gate, audit, _ = make_gate(tmp_path, max_pending=1000)
     bob = token("bob", ["analyst"])
 
     async def run() -> list[Admission | Refusal]:
@@ -110,3 +113,79 @@ def test_a_remembered_denial_is_refused_and_audited_each_time(tmp_path: Path) ->
     }
     assert all(e["rule"].startswith("analyst, dataset:sales.secret, read, deny") for e in entries)
     assert verify([tmp_path / "audit.jsonl"]).ok
+
+
+SUBJECTS = {"alice": ["analyst"], "bob": [], "carol": ["engineer", "analyst"]}
+TARGETS = [
+    "/sales/orders.json",
+    "/sales/secret.json",
+    "/sales/orders.json?_shape=array",
+    "/sales.json?sql=select+*+from+orders",
+    "/sales.json?sql=select+*+from+secret",
+    "/sales/./orders.json",
+    "/nowhere/a/b/c",
+    "/-/versions.json",
+    "/",
+]
+SECOND_POLICY = "p, engineer, dataset:sales.*, read, allow\ng, bob, analyst\n"
+
+
+def outcome(answer: Admission | Refusal) -> tuple[object, ...]:
+    if isinstance(answer, Refusal):
+        admission = answer.admission
+        return ("refused", answer.status, answer.error, answer.message, admission.target)
+    decision = answer.decision
+    return (
+        "admitted",
+        answer.target,
+        answer.outcome,
+        decision.reason if decision is not None else None,
+        answer.identity,
+        answer.drop_authorization,
+    )
+
+
+@given(
+    calls=st.lists(
+        st.tuples(st.sampled_from(sorted(SUBJECTS)), st.sampled_from(TARGETS)), max_size=30
+    ),
+    edit_at=st.integers(min_value=0, max_value=30),
+)
+@settings(max_examples=60, deadline=None)
+def test_remembered_admissions_answer_as_a_fresh_gate_would(
+    calls: list[tuple[str, str]], edit_at: int
+) -> None:
+    # Each call goes to a gate that has seen everything before it (so repeats are answered
+    # from what it remembers) and to a new gate that has seen nothing; the policy file is
+    # edited and reloaded part way through. Their answers must not differ, and the long
+    # lived gate must audit every call.
+    with tempfile.TemporaryDirectory() as scratch:
+        directory = Path(scratch)
+        gate, audit, store = make_gate(directory, max_pending=10_000)
+        tokens = {name: token(name, roles) for name, roles in SUBJECTS.items()}
+
+        async def run() -> None:
+            for index, (subject, target) in enumerate(calls):
+                if index == edit_at:
+                    (directory / "policy.csv").write_text(SECOND_POLICY)
+                    await store.reload_now()
+                fresh = make_fresh_gate(directory)
+                remembered = await admit(gate, target, tokens[subject], f"r{index}")
+                expected = await admit(fresh, target, tokens[subject], f"r{index}")
+                assert outcome(remembered) == outcome(expected), (subject, target)
+            assert audit.pending == len(calls)
+
+        asyncio.run(run())
+
+
+def make_fresh_gate(directory: Path) -> Gate:
+    store = PolicyStore(
+        POLICIES / "model.conf", [directory / "policy.csv"], POLICIES / "routes.yaml"
+    )
+    store.load()
+    return Gate(
+        auth=AuthChain([BearerJWT([ISSUER], cache_entries=100)]),
+        policy=store,
+        audit=AuditLog(directory / "fresh-audit.jsonl"),
+        identity=IdentityHeadersConfig(),
+    )
