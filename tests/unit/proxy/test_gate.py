@@ -40,13 +40,16 @@ def token(subject: str, roles: list[str]) -> str:
     return pyjwt.encode({**claims, "roles": roles}, SECRET, algorithm="HS256")
 
 
-def make_gate(tmp_path: Path, *, max_pending: int) -> tuple[Gate, AuditLog, PolicyStore]:
-    (tmp_path / "policy.csv").write_text(POLICY)
-    store = PolicyStore(
-        POLICIES / "model.conf", [tmp_path / "policy.csv"], POLICIES / "routes.yaml"
-    )
+def make_gate(
+    directory: Path, *, max_pending: int, audit_name: str = "audit.jsonl"
+) -> tuple[Gate, AuditLog, PolicyStore]:
+    """A gate over `directory/policy.csv` (written with POLICY if absent)."""
+    policy = directory / "policy.csv"
+    if not policy.exists():
+        policy.write_text(POLICY)
+    store = PolicyStore(POLICIES / "model.conf", [policy], POLICIES / "routes.yaml")
     store.load()
-    audit = AuditLog(tmp_path / "audit.jsonl", max_pending=max_pending)
+    audit = AuditLog(directory / audit_name, max_pending=max_pending)
     gate = Gate(
         auth=AuthChain([BearerJWT([ISSUER], cache_entries=100)]),
         policy=store,
@@ -169,23 +172,10 @@ def test_remembered_admissions_answer_as_a_fresh_gate_would(
                 if index == edit_at:
                     (directory / "policy.csv").write_text(SECOND_POLICY)
                     await store.reload_now()
-                fresh = make_fresh_gate(directory)
+                fresh, _, _ = make_gate(directory, max_pending=10_000, audit_name="fresh.jsonl")
                 remembered = await admit(gate, target, tokens[subject], f"r{index}")
                 expected = await admit(fresh, target, tokens[subject], f"r{index}")
                 assert outcome(remembered) == outcome(expected), (subject, target)
             assert audit.pending == len(calls)
 
         asyncio.run(run())
-
-
-def make_fresh_gate(directory: Path) -> Gate:
-    store = PolicyStore(
-        POLICIES / "model.conf", [directory / "policy.csv"], POLICIES / "routes.yaml"
-    )
-    store.load()
-    return Gate(
-        auth=AuthChain([BearerJWT([ISSUER], cache_entries=100)]),
-        policy=store,
-        audit=AuditLog(directory / "fresh-audit.jsonl"),
-        identity=IdentityHeadersConfig(),
-    )
