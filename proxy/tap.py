@@ -23,6 +23,10 @@ from proxy.gate import Admission, sql_from_query
 
 log = logging.getLogger(__name__)
 
+# Shared by every record when no correlation headers are configured: records are frozen
+# and only ever encoded, so nothing writes to it.
+_NO_CORRELATION: dict[str, str] = {}
+
 _OUTCOMES: dict[str, Decision] = {
     "allow": "allow",
     "deny": "deny",
@@ -79,12 +83,16 @@ class Tap:
         """Build the record and append it without waiting. Under `block`, a record that
         does not fit now is returned: the caller awaits `append_wait` with it."""
         headers = request.headers
-        principal = admission.principal if admission is not None else None
-        match = admission.match if admission is not None else None
-        decision = admission.decision if admission is not None else None
-        path, _, query = (
-            admission.target if admission is not None else request.raw_path
-        ).partition("?")
+        if admission is not None:
+            principal = admission.principal
+            match = admission.match
+            decision = admission.decision
+            outcome = _OUTCOMES.get(admission.outcome, "none")
+            path, _, query = admission.target.partition("?")
+        else:
+            principal = match = decision = None
+            outcome = "none"
+            path, _, query = request.raw_path.partition("?")
         sql = None
         dialect = None
         excerpt_text = None
@@ -96,11 +104,15 @@ class Tap:
             elif body_excerpt:
                 sql = sql_from_body(body_excerpt, headers.get("Content-Type", ""), source.param)
                 excerpt_text = body_excerpt.decode("utf-8", "replace")
-        correlation = {
-            lower: value
-            for name, lower in self._correlation
-            if (value := headers.get(name)) is not None
-        }
+        correlation = (
+            {
+                lower: value
+                for name, lower in self._correlation
+                if (value := headers.get(name)) is not None
+            }
+            if self._correlation
+            else _NO_CORRELATION
+        )
         # Positional, in CaptureRecord's field order (see there why); a unit test holds
         # every field of a tapped record to what it must be.
         record = CaptureRecord(
@@ -117,7 +129,7 @@ class Tap:
             match.route.name if match is not None else None,
             match.resource if match is not None else None,
             match.action if match is not None else None,
-            _OUTCOMES.get(admission.outcome, "none") if admission is not None else "none",
+            outcome,
             ", ".join(decision.rule) if decision is not None and decision.rule else None,
             bytes_in,
             bytes_out,

@@ -18,9 +18,14 @@ from proxy.tap import Tap
 POLICIES = Path(__file__).resolve().parents[3] / "policies"
 
 
-def tapped(tmp_path: Path, admission: Admission | None, headers: dict[str, str]) -> CaptureRecord:
+def tapped(
+    tmp_path: Path,
+    admission: Admission | None,
+    headers: dict[str, str],
+    correlation_headers: tuple[str, ...] = ("X-Job-Run",),
+) -> CaptureRecord:
     spool = SpoolWriter(tmp_path / "spool", SpoolOptions())
-    tap = Tap(spool, service="http://sales.test", correlation_headers=("X-Job-Run",))
+    tap = Tap(spool, service="http://sales.test", correlation_headers=correlation_headers)
     request = make_mocked_request("GET", "/ignored", headers=CIMultiDict(headers))
     waiting = tap.record(
         request,
@@ -110,3 +115,9 @@ def test_a_request_the_gate_never_saw_keeps_its_raw_target(tmp_path: Path) -> No
         bytes_out=4321,
         duration_us=2500,
     )
+
+
+def test_without_correlation_headers_configured_none_are_copied(tmp_path: Path) -> None:
+    record = tapped(tmp_path, None, {"X-Job-Run": "nightly-42"}, correlation_headers=())
+    assert record.correlation == {}
+    assert record.path == "/ignored"
