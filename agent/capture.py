@@ -9,7 +9,7 @@ renaming, removing or retyping a field bumps it.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -58,3 +58,24 @@ class CaptureRecord(msgspec.Struct, frozen=True, omit_defaults=True):
     sql_dialect: str | None = None
     # Bounded excerpt of the request body, for routes that ask for it.
     body_excerpt: str | None = None
+
+
+def _escaped(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, tuple):
+        return tuple(_escaped(item) for item in value)
+    if isinstance(value, dict):
+        return {_escaped(key): _escaped(item) for key, item in value.items()}
+    return value
+
+
+def with_text_escaped(record: CaptureRecord) -> CaptureRecord:
+    """`record` with every lone surrogate written as a `\\udcXX` escape.
+
+    aiohttp hands header and target bytes that are not UTF-8 over as lone surrogates, and
+    neither msgpack nor UTF-8 can carry those: such a record is kept with the escapes
+    spelled out rather than lost (or the request failed).
+    """
+    changes = {name: _escaped(getattr(record, name)) for name in record.__struct_fields__}
+    return msgspec.structs.replace(record, **changes)

@@ -56,7 +56,7 @@ from typing import Literal, NamedTuple
 
 import msgspec
 
-from agent.capture import CAPTURE_VERSION, CaptureRecord
+from agent.capture import CAPTURE_VERSION, CaptureRecord, with_text_escaped
 
 log = logging.getLogger(__name__)
 
@@ -436,7 +436,10 @@ class SpoolWriter:
     def _frame(self, record: CaptureRecord) -> bytes | None:
         if record.version != CAPTURE_VERSION:
             raise ValueError(f"spool writes capture record version {CAPTURE_VERSION} only")
-        payload = self._encode(record)
+        try:
+            payload = self._encode(record)
+        except UnicodeEncodeError:
+            payload = self._encode(with_text_escaped(record))
         if len(payload) > self._max_record_bytes:
             self._drop_oversize(len(payload))
             return None
@@ -472,7 +475,10 @@ class SpoolWriter:
         # `_buffer` are written out here because a method call costs what they do.
         if record.version != CAPTURE_VERSION:
             raise ValueError(f"spool writes capture record version {CAPTURE_VERSION} only")
-        payload = self._encode(record)
+        try:
+            payload = self._encode(record)
+        except UnicodeEncodeError:  # text that was not UTF-8: see with_text_escaped
+            payload = self._encode(with_text_escaped(record))
         size = len(payload)
         if size > self._max_record_bytes:
             return self._drop_oversize(size)

@@ -34,6 +34,10 @@ class AccessLogLine(msgspec.Struct, kw_only=True):
     user_agent: str | None
 
 
+def _escaped(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class AccessLog:
     """Collects entries on the hot path; `run()` drains them to `path` ('-' = stdout)."""
 
@@ -66,7 +70,16 @@ class AccessLog:
                 duration_ms=round(duration * 1000, 3),
                 user_agent=agent,
             )
-            lines.append(self._encoder.encode(line))
+            try:
+                lines.append(self._encoder.encode(line))
+            except UnicodeEncodeError:
+                # Target or User-Agent bytes that were not UTF-8 reach us as lone
+                # surrogates, which JSON cannot carry: written escaped, not lost (an
+                # exception here would end the log's task).
+                line.path = _escaped(path)
+                line.user_agent = _escaped(agent) if agent is not None else None
+                line.remote = _escaped(remote) if remote is not None else None
+                lines.append(self._encoder.encode(line))
         return b"\n".join(lines) + b"\n"
 
     def _write(self, batch: list[Entry]) -> None:

@@ -16,6 +16,7 @@ import pytest
 from authlib.jose import JsonWebKey
 from authlib.jose import jwt as authlib_jwt
 
+from agent.capture import CaptureRecord
 from agent.spool import SpoolReader
 from proxy.audit import verify
 from tests.integration.proxy.conftest import RunningProxy, run_proxy
@@ -485,3 +486,30 @@ def test_non_utf8_credentials_are_refused(gated: GatedProxy) -> None:
         b"Authorization: Bearer \xff\xfe\x80abc\r\nConnection: close\r\n\r\n"
     )
     assert exchange(gated.proxy.port, head).status in (400, 401)
+
+
+def test_non_utf8_trace_headers_are_captured_not_a_crash(gated: GatedProxy) -> None:
+    # aiohttp hands header bytes that are not UTF-8 over as lone surrogates, which msgpack
+    # cannot carry: the request is served and its record kept, the bytes escaped.
+    token = gated.issuer.token("alice", ["analyst"])
+    query = f"n={time.time_ns()}"
+    head = (
+        f"GET /sales/orders.json?{query} HTTP/1.1\r\nHost: sales.test\r\n"
+        f"Authorization: Bearer {token}\r\n".encode()
+        + b"traceparent: 00-\xff\xfe-01\r\ntracestate: v=\x80\r\nConnection: close\r\n\r\n"
+    )
+    assert exchange(gated.proxy.port, head).status == 200
+    reader = SpoolReader(gated.spool / "w0")
+    records: list[CaptureRecord] = []
+    deadline = time.monotonic() + 5
+    try:
+        while time.monotonic() < deadline and not any(r.query == query for r in records):
+            records += [record for _, record in reader.read_batch(10_000)]
+            time.sleep(0.1)
+    finally:
+        reader.close()
+    [mine] = [r for r in records if r.query == query]
+    assert mine.status == 200
+    assert mine.principal == "alice"
+    assert mine.traceparent == "00-\\udcff\\udcfe-01"
+    assert mine.tracestate == "v=\\udc80"

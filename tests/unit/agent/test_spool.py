@@ -447,3 +447,29 @@ async def test_cancelled_read_does_not_skip_records(tmp_path: Path, writer: Spoo
     # Whatever the thread read is not lost: the next read returns it.
     assert ids(await reader.read(10)) == ["req-0", "req-1", "req-2"]
     reader.close()
+
+
+def test_text_that_was_not_utf8_is_kept_escaped(tmp_path: Path, writer: SpoolWriter) -> None:
+    # aiohttp hands undecodable header and target bytes over as lone surrogates; msgpack
+    # cannot carry them, and the record must neither be lost nor fail the request.
+    odd = msgspec.structs.replace(
+        make_record(0),
+        path="/a\udcffb",
+        roles=("r\udc80",),
+        traceparent="00-\udcfe-01",
+        correlation={"x-run\udc81": "v\udc82"},
+        sql="select '\udc83'",
+    )
+    assert writer.append(odd)
+    assert writer.append(make_record(1))
+    writer.flush()
+    reader = SpoolReader(tmp_path)
+    [(_, kept), (_, after)] = read_all(reader)
+    reader.close()
+    assert kept.path == "/a\\udcffb"
+    assert kept.roles == ("r\\udc80",)
+    assert kept.traceparent == "00-\\udcfe-01"
+    assert kept.correlation == {"x-run\\udc81": "v\\udc82"}
+    assert kept.sql == "select '\\udc83'"
+    assert kept.request_id == odd.request_id
+    assert after == make_record(1)
