@@ -513,3 +513,31 @@ def test_non_utf8_trace_headers_are_captured_not_a_crash(gated: GatedProxy) -> N
     assert mine.principal == "alice"
     assert mine.traceparent == "00-\\udcff\\udcfe-01"
     assert mine.tracestate == "v=\\udc80"
+
+
+@pytest.mark.parametrize(
+    ("where", "target", "extra"),
+    [
+        ("path", b"/sales/\xff\xfe.json", b""),
+        ("query", b"/sales/orders.json?q=\xff\x80", b""),
+        ("user-agent", b"/sales/orders.json", b"User-Agent: w\xffrk\r\n"),
+        ("cookie", b"/sales/orders.json", b"Cookie: ls_session=\xff\x80\r\n"),
+        ("forwarded-for", b"/sales/orders.json", b"X-Forwarded-For: \xff\r\n"),
+        ("accept", b"/sales/orders.json", b"Accept: text/html\xff\r\n"),
+        ("identity-header", b"/sales/orders.json", b"X-Auth-Request-User: \xff\r\n"),
+    ],
+)
+def test_bytes_that_are_not_utf8_never_make_a_500(
+    gated: GatedProxy, where: str, target: bytes, extra: bytes
+) -> None:
+    token = gated.issuer.token("alice", ["analyst"])
+    head = (
+        b"GET " + target + b" HTTP/1.1\r\nHost: sales.test\r\n"
+        b"Authorization: Bearer " + token.encode() + b"\r\n" + extra + b"Connection: close\r\n\r\n"
+    )
+    status = exchange(gated.proxy.port, head).status
+    assert status < 500, where
+    # Still serving, and the audit chain (which recorded that request too) intact.
+    assert gated.call("GET", "/sales/orders.json", token).status == 200
+    time.sleep(0.3)
+    assert verify([gated.audit]).ok
