@@ -33,7 +33,7 @@ import aiohttp
 import msgspec
 
 from proxy.authn.jwt import check_key_url, strict_json_object
-from proxy.authn.principal import AuthError, Principal
+from proxy.authn.principal import AuthError, Principal, require_unicode
 from proxy.authn.tokencache import TokenCache, VerifiedTokenCache, cache_key
 
 # RFC 6750 b64token: what a bearer token may consist of. Anything else is not sent out.
@@ -190,19 +190,21 @@ def principal_from_introspection(
     if not isinstance(principal_id, str) or not 0 < len(principal_id) <= MAX_PRINCIPAL_ID_CHARS:
         raise AuthError("missing_claim", detail=config.principal_claim)
     token_id = response.get("jti")
-    return Principal(
-        id=principal_id,
-        issuer=config.issuer,
-        auth_method="introspection",
-        roles=_strings(_claim_at(response, config.roles_claim), "roles")
-        if config.roles_claim
-        else (),
-        groups=_strings(_claim_at(response, config.groups_claim), "groups")
-        if config.groups_claim
-        else (),
-        scopes=scopes,
-        token_id=token_id if isinstance(token_id, str) else None,
-        expires_at=exp,
+    return require_unicode(
+        Principal(
+            id=principal_id,
+            issuer=config.issuer,
+            auth_method="introspection",
+            roles=_strings(_claim_at(response, config.roles_claim), "roles")
+            if config.roles_claim
+            else (),
+            groups=_strings(_claim_at(response, config.groups_claim), "groups")
+            if config.groups_claim
+            else (),
+            scopes=scopes,
+            token_id=token_id if isinstance(token_id, str) else None,
+            expires_at=exp,
+        )
     )
 
 

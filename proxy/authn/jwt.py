@@ -37,7 +37,7 @@ import jwt as pyjwt
 import msgspec
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
-from proxy.authn.principal import AuthError, Principal
+from proxy.authn.principal import AuthError, Principal, require_unicode
 
 RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
@@ -616,18 +616,20 @@ def _principal(payload: Mapping[str, Any], rules: CompiledIssuer) -> Principal:
         if rules.require_email_verified and payload.get("email_verified") is not True:
             raise AuthError("email_not_verified")
     token_id = payload.get("jti")
-    return Principal(
-        id=principal_id,
-        issuer=rules.issuer,
-        auth_method="jwt",
-        roles=_string_tuple(
-            _claim_at(payload, rules.roles_path) if rules.roles_path else None, "roles"
-        ),
-        groups=_string_tuple(
-            _claim_at(payload, rules.groups_path) if rules.groups_path else None, "groups"
-        ),
-        email=email,
-        scopes=_string_tuple(_claim_at(payload, rules.scopes_path), "scopes", split=True),
-        token_id=token_id if isinstance(token_id, str) else None,
-        expires_at=float(payload["exp"]),
+    return require_unicode(
+        Principal(
+            id=principal_id,
+            issuer=rules.issuer,
+            auth_method="jwt",
+            roles=_string_tuple(
+                _claim_at(payload, rules.roles_path) if rules.roles_path else None, "roles"
+            ),
+            groups=_string_tuple(
+                _claim_at(payload, rules.groups_path) if rules.groups_path else None, "groups"
+            ),
+            email=email,
+            scopes=_string_tuple(_claim_at(payload, rules.scopes_path), "scopes", split=True),
+            token_id=token_id if isinstance(token_id, str) else None,
+            expires_at=float(payload["exp"]),
+        )
     )

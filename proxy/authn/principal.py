@@ -36,6 +36,30 @@ class Principal(msgspec.Struct, frozen=True, kw_only=True):
     expires_at: float | None = None
 
 
+def require_unicode(principal: Principal) -> Principal:
+    """`principal` as it is, if all its text is valid Unicode; AuthError if not.
+
+    JSON can spell lone surrogates (`"\\udcff"`), which no UTF-8 encoder takes: an identity
+    holding one could not be audited, captured or passed upstream as it is, so a token
+    that carries one is refused, like any other malformed claim.
+    """
+    texts = [
+        principal.id,
+        *principal.roles,
+        *principal.groups,
+        *principal.scopes,
+        principal.email or "",
+        principal.token_id or "",
+    ]
+    try:
+        "".join(texts).encode("utf-8")
+    except UnicodeEncodeError:
+        raise AuthError(
+            "malformed_claim", detail="a claim is not valid Unicode (lone surrogate)"
+        ) from None
+    return principal
+
+
 class AuthError(Exception):
     """Authentication refused or undecidable.
 

@@ -78,6 +78,10 @@ def test_active_token_maps_to_a_principal() -> None:
         ({"exp": True}, "malformed_introspection", 503),
         ({"exp": 10**400}, "malformed_introspection", 503),
         ({"aud": [1, 2]}, "malformed_introspection", 503),
+        # Lone surrogates (JSON can spell "\\udcff") are not valid Unicode.
+        ({"sub": "al\udcffice"}, "malformed_claim", 401),
+        ({"ext": {"roles": ["analyst", "r\ud800"]}}, "malformed_claim", 401),
+        ({"jti": "t-\udc80"}, "malformed_claim", 401),
     ],
 )
 def test_refusals(overrides: dict[str, Any], reason: str, status: int) -> None:

@@ -557,3 +557,26 @@ def test_defaults_are_asymmetric_and_require_the_registered_claims() -> None:
     assert set(config.effective_algorithms) == {"RS256", "ES256", "EdDSA", "PS256"}
     assert config.leeway == 30
     assert json.loads(msgspec.json.encode(config))["principal_claim"] == "sub"
+
+
+@pytest.mark.parametrize(
+    "claim",
+    [
+        {"sub": "al\udcffice"},
+        {"roles": ["analyst", "\ud800"]},
+        {"groups": ["fin\udc80"]},
+        {"scope": "read \udfff"},
+        {"jti": "t-\udc00"},
+    ],
+)
+def test_a_claim_that_is_not_valid_unicode_is_refused(claim: dict[str, Any]) -> None:
+    # JSON can spell a lone surrogate ("\\udcff"): such an identity could not be audited,
+    # captured or passed upstream as it is.
+    config = issuer_config(roles_claim="roles", groups_claim="groups")
+    assert rejection(sign(claims(**claim)), trusted(config)).reason == "malformed_claim"
+
+
+def test_characters_outside_the_basic_plane_are_fine() -> None:
+    # A surrogate pair in JSON ("\\ud83d\\ude00") is one valid character.
+    principal = accepted(sign(claims(sub="alice\U0001f600", roles=["\U0001f4ca"])))
+    assert principal.id == "alice\U0001f600"
