@@ -9,13 +9,14 @@ renaming, removing or retyping a field bumps it.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
 CAPTURE_VERSION = 1
 
 Decision = Literal["allow", "deny", "unauthenticated", "error", "none"]
+S = TypeVar("S", bound=msgspec.Struct)
 
 
 class CaptureRecord(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -60,9 +61,14 @@ class CaptureRecord(msgspec.Struct, frozen=True, omit_defaults=True):
     body_excerpt: str | None = None
 
 
+def escaped_text(text: str) -> str:
+    """`text` with every lone surrogate written as a `\\udcXX` escape, the rest as it is."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _escaped(value: Any) -> Any:
     if isinstance(value, str):
-        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return escaped_text(value)
     if isinstance(value, tuple):
         return tuple(_escaped(item) for item in value)
     if isinstance(value, dict):
@@ -70,11 +76,13 @@ def _escaped(value: Any) -> Any:
     return value
 
 
-def with_text_escaped(record: CaptureRecord) -> CaptureRecord:
-    """`record` with every lone surrogate written as a `\\udcXX` escape.
+def with_text_escaped(record: S) -> S:
+    """`record` (a capture record, an audit entry, an access-log line) with every lone
+    surrogate in its text written as a `\\udcXX` escape.
 
     aiohttp hands header and target bytes that are not UTF-8 over as lone surrogates, and
-    neither msgpack nor UTF-8 can carry those: such a record is kept with the escapes
+    a JSON claim can carry one; neither msgpack nor JSON encoders take them. Call it when
+    the first encode raised UnicodeEncodeError: the record is kept with the escapes
     spelled out rather than lost (or the request failed).
     """
     changes = {name: _escaped(getattr(record, name)) for name in record.__struct_fields__}

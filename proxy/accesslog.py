@@ -16,6 +16,8 @@ from typing import IO
 
 import msgspec
 
+from agent.capture import with_text_escaped
+
 FLUSH_INTERVAL = 0.25
 
 # request_id, unix time, remote, method, path, status, bytes_out, duration (s), user agent
@@ -32,10 +34,6 @@ class AccessLogLine(msgspec.Struct, kw_only=True):
     bytes_out: int
     duration_ms: float
     user_agent: str | None
-
-
-def _escaped(text: str) -> str:
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class AccessLog:
@@ -76,10 +74,7 @@ class AccessLog:
                 # Target or User-Agent bytes that were not UTF-8 reach us as lone
                 # surrogates, which JSON cannot carry: written escaped, not lost (an
                 # exception here would end the log's task).
-                line.path = _escaped(path)
-                line.user_agent = _escaped(agent) if agent is not None else None
-                line.remote = _escaped(remote) if remote is not None else None
-                lines.append(self._encoder.encode(line))
+                lines.append(self._encoder.encode(with_text_escaped(line)))
         return b"\n".join(lines) + b"\n"
 
     def _write(self, batch: list[Entry]) -> None:

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import msgspec
 
+from agent.capture import escaped_text, with_text_escaped
+
 GENESIS = "0" * 64
 FLUSH_INTERVAL = 0.1
 
@@ -80,39 +82,15 @@ def decision_tail(entry: AuditEntry) -> DecisionTail:
     except UnicodeEncodeError:
         # Text that was not valid UTF-8 (lone surrogates: a JSON claim may carry one)
         # cannot be encoded as it is; it is written escaped rather than lose the decision.
-        encoded = _encoder.encode(_escaped_entry(blank))
+        encoded = _encoder.encode(with_text_escaped(blank))
     return DecisionTail(encoded[len(_ENTRY_HEAD) :])
-
-
-def _escaped(text: str) -> str:
-    """`text` with lone surrogates as `\\udcff` escapes, the rest unchanged."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _escaped_entry(entry: AuditEntry) -> AuditEntry:
-    def maybe(text: str | None) -> str | None:
-        return None if text is None else _escaped(text)
-
-    return msgspec.structs.replace(
-        entry,
-        request_id=_escaped(entry.request_id),
-        principal=maybe(entry.principal),
-        roles=tuple(_escaped(role) for role in entry.roles),
-        method=_escaped(entry.method),
-        path=_escaped(entry.path),
-        resource=maybe(entry.resource),
-        action=maybe(entry.action),
-        decision=_escaped(entry.decision),
-        rule=maybe(entry.rule),
-        reason=_escaped(entry.reason),
-    )
 
 
 def _json_text(text: str) -> bytes:
     try:
         return _encoder.encode(text)
     except UnicodeEncodeError:
-        return _encoder.encode(_escaped(text))
+        return _encoder.encode(escaped_text(text))
 
 
 def chain_hash(prev: str, seq: int, entry: AuditEntry) -> str:
