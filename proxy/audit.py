@@ -10,10 +10,10 @@ begin at the genesis hash unless the previous file is given.
 
 The request path only appends the decision to a list (`record`, or `record_decision`
 with a `DecisionTail` made once for every request decided the same way); a background
-task puts lines together, hashes, writes and fsyncs them in batches from a thread.
-Nothing is dropped: when `max_pending` decisions wait (the disk is stuck), `record`
-returns False and the caller refuses the request (fail closed) rather than serve it
-unaudited.
+task encodes whole entries, puts lines together, hashes, writes and fsyncs them in
+batches from a thread. Nothing is dropped: when `max_pending` decisions wait (the disk
+is stuck), `record` returns False and the caller refuses the request (fail closed)
+rather than serve it unaudited.
 """
 
 from __future__ import annotations
@@ -126,14 +126,18 @@ class AuditLog:
     def __init__(self, path: Path, *, max_pending: int = 1_000_000) -> None:
         self.path = path
         self._max_pending = max_pending
-        self._pending: list[tuple[int, str, DecisionTail]] = []
+        # Whole entries are encoded in the writer; remembered decisions come encoded.
+        self._pending: list[AuditEntry | tuple[int, str, DecisionTail]] = []
         self._lock = threading.Lock()  # the chain state is the writer thread's
         self._seq, self._prev = _tail(path)
         self.written = 0
 
     def record(self, entry: AuditEntry) -> bool:
         """Queue a decision; False means the log is stuck and the request must be refused."""
-        return self.record_decision(entry.time_ns, entry.request_id, decision_tail(entry))
+        if len(self._pending) >= self._max_pending:
+            return False
+        self._pending.append(entry)
+        return True
 
     def record_decision(self, time_ns: int, request_id: str, tail: DecisionTail) -> bool:
         """`record` for a decision whose tail was encoded before (`decision_tail`)."""
@@ -146,12 +150,16 @@ class AuditLog:
     def pending(self) -> int:
         return len(self._pending)
 
-    def _write(self, batch: list[tuple[int, str, DecisionTail]]) -> None:
+    def _write(self, batch: list[AuditEntry | tuple[int, str, DecisionTail]]) -> None:
         with self._lock:
             lines = []
             seq, prev = self._seq, self._prev
-            for time_ns, request_id, tail in batch:
+            for item in batch:
                 seq += 1
+                if isinstance(item, AuditEntry):
+                    time_ns, request_id, tail = item.time_ns, item.request_id, decision_tail(item)
+                else:
+                    time_ns, request_id, tail = item
                 prev, line = _hashed_line(prev, seq, time_ns, request_id, tail)
                 lines.append(line)
             self.path.parent.mkdir(parents=True, exist_ok=True)
