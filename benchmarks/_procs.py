@@ -216,13 +216,41 @@ def peak_rss_kib(pids: Iterable[int]) -> int:
 
 def cpu_seconds(pids: Iterable[int]) -> float:
     """User+system CPU time consumed so far by the process trees of `pids`."""
-    ticks = 0
+    user_s, system_s = user_system_seconds(pids)
+    return user_s + system_s
+
+
+def user_system_seconds(pids: Iterable[int]) -> tuple[float, float]:
+    """User and system (kernel) CPU time so far of the process trees of `pids`, apart."""
+    user = system = 0
     for pid in process_tree(pids):
         stat = _read_stat(pid)
         if stat is not None:
             # utime and stime are fields 14 and 15 of stat, i.e. 11 and 12 after the name.
-            ticks += int(stat[11]) + int(stat[12])
-    return ticks / _CLOCK_TICKS
+            user += int(stat[11])
+            system += int(stat[12])
+    return user / _CLOCK_TICKS, system / _CLOCK_TICKS
+
+
+def run_time_s(pids: Iterable[int]) -> float:
+    """Time on a CPU so far of every live thread in the process trees of `pids`, from
+    /proc/PID/task/TID/schedstat (nanoseconds, where `cpu_seconds` counts 10 ms ticks).
+
+    Threads that have exited are not counted: use it over windows in which the threads
+    of the measured processes live on (a proxy's writer and executor threads do).
+    """
+    total_ns = 0
+    for pid in process_tree(pids):
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                total_ns += int((task / "schedstat").read_text().split()[0])
+            except (OSError, IndexError, ValueError):
+                continue
+    return total_ns / 1e9
 
 
 @dataclass(frozen=True)

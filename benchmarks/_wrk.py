@@ -166,3 +166,31 @@ def run_wrk(argv: Sequence[str], *, duration_s: float) -> str:
             f"\n{stdout.decode(errors='replace').strip()}"
         )
     return stdout.decode(errors="replace")
+
+
+def run_wrks(argvs: Sequence[Sequence[str]], *, duration_s: float) -> list[str]:
+    """Run several wrk processes at the same time and return their reports in order;
+    all are killed if one cannot be started or the harness is interrupted."""
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        for argv in argvs:
+            processes.append(
+                subprocess.Popen(
+                    argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+                )
+            )
+        results = [wrk.communicate(timeout=duration_s + 30.0) for wrk in processes]
+    except BaseException:
+        for wrk in processes:
+            wrk.kill()
+            wrk.wait()
+        raise
+    reports = []
+    for wrk, (stdout, stderr) in zip(processes, results, strict=True):
+        if wrk.returncode != 0:
+            raise WrkReportError(
+                f"wrk exited with status {wrk.returncode}: "
+                f"{stderr.decode(errors='replace').strip()}\n{stdout.decode(errors='replace').strip()}"
+            )
+        reports.append(stdout.decode(errors="replace"))
+    return reports
