@@ -115,8 +115,8 @@ class SpoolOptions(msgspec.Struct, frozen=True, kw_only=True):
     segment_bytes: int = 16 << 20
     # A record whose encoding exceeds this is dropped and counted (never written).
     max_record_bytes: int = 1 << 20
-    # fsync at least this often while records are buffered...
-    flush_interval_s: float = 0.01
+    # fdatasync at least this often while records are buffered (the most a crash loses)...
+    flush_interval_s: float = 0.1
     # ...and as soon as this many bytes are buffered.
     flush_bytes: int = 256 << 10
     when_full: FullPolicy = "fail_open"

@@ -404,6 +404,14 @@ class CaptureConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         msgspec.Meta(ge=0, le=1 << 20),
         _doc("For routes whose SQL is in the body: how much of the body is kept (bytes)."),
     ] = 64 * 1024
+    flush_interval_s: Annotated[
+        float,
+        msgspec.Meta(gt=0, le=10),
+        _doc(
+            "How often buffered records are written and fdatasync'd (seconds): the most a "
+            "crash of the proxy can lose. Each sync costs kernel time; see docs/performance.md."
+        ),
+    ] = 0.1
 
 
 class RedisConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -541,7 +541,11 @@ class ProxyWorker:
         if capture is None:
             return
         directory = Path(capture.spool_dir) / f"w{self._index}"
-        options = SpoolOptions(max_bytes=capture.max_bytes, when_full=capture.when_full)
+        options = SpoolOptions(
+            max_bytes=capture.max_bytes,
+            when_full=capture.when_full,
+            flush_interval_s=capture.flush_interval_s,
+        )
         try:
             options.check()
             self.spool = SpoolWriter(directory, options)

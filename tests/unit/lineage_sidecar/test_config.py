@@ -120,6 +120,14 @@ def test_missing_secret_names_the_field(tmp_path: Path) -> None:
             r"trusted_proxies\[0\]",
         ),
         ({"proxy": {"upstream": "http://a:1"}, "admin": {"listen": "x"}}, r"admin\.listen"),
+        (
+            {"proxy": {"upstream": "http://a:1"}, "capture": {"flush_interval_s": 0}},
+            r"capture\.flush_interval_s",
+        ),
+        (
+            {"proxy": {"upstream": "http://a:1"}, "capture": {"flush_interval_s": 3600}},
+            r"capture\.flush_interval_s",
+        ),
     ],
 )
 def test_bad_config_is_one_line_naming_the_field(
