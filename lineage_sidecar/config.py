@@ -387,7 +387,9 @@ class CaptureConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         _doc("Namespace of the data service in lineage; defaults to the upstream URL."),
     ] = None
     max_bytes: Annotated[
-        int, msgspec.Meta(ge=1 << 20), _doc("Spool size limit (bytes, all segments).")
+        int,
+        msgspec.Meta(ge=4 << 20),
+        _doc("Spool size limit (bytes, all segments and the write buffer; at least 4 MiB)."),
     ] = 1 << 30
     when_full: Annotated[
         Literal["fail_open", "block"],

@@ -68,12 +68,14 @@ from proxy.forward import UNSUPPORTED_VERSION, ErrorBody, Forwarder, encode_erro
 from proxy.gate import Gate
 from proxy.internal import InternalBackend
 from proxy.lineageapi import api_application
-from proxy.metrics import ProxyMetrics
+from proxy.metrics import ProxyMetrics, WorkerState
 from proxy.tap import Tap
 from proxy.tls import CertificatePaths, CertificateReloader, server_context
 from proxy.upstream import UpstreamPool
 
 log = logging.getLogger(__name__)
+# How often the counters of the policy store, spool and audit log reach /metrics.
+METRICS_INTERVAL_S = 0.5
 
 
 def redis_client(config: RedisConfig) -> Redis:
@@ -326,6 +328,7 @@ class ProxyWorker:
             self._spawn(self._watch_certificates(self.reloader), "tls-reloader")
         if self.access_log is not None:
             self._spawn(self.access_log.run(), "access-log-writer")
+        self._spawn(self._publish_metrics(), "metrics-publisher")
         if self.policy is not None:
             self._spawn(self.policy.run(), "policy-reloader")
             if self.config.redis is not None:
@@ -543,6 +546,8 @@ class ProxyWorker:
         directory = Path(capture.spool_dir) / f"w{self._index}"
         options = SpoolOptions(
             max_bytes=capture.max_bytes,
+            # The reader keeps the newest segment, so the budget must hold two of them.
+            segment_bytes=min(SpoolOptions().segment_bytes, capture.max_bytes // 2),
             when_full=capture.when_full,
             flush_interval_s=capture.flush_interval_s,
         )
@@ -571,6 +576,30 @@ class ProxyWorker:
         if self.audit is not None and self.audit.pending > 100_000:
             reasons.append(f"audit log is behind by {self.audit.pending} decisions")
         return reasons
+
+    def state(self) -> WorkerState:
+        """The counters of this worker's parts, for `ProxyMetrics.publish`."""
+        policy, spool, audit = self.policy, self.spool, self.audit
+        counted = spool.metrics if spool is not None else None
+        return WorkerState(
+            policy_reloads_ok=policy.reloads_ok if policy is not None else 0,
+            policy_reloads_failed=policy.reloads_failed if policy is not None else 0,
+            policy_failing=policy is not None and policy.last_error is not None,
+            appended=counted.appended if counted is not None else 0,
+            dropped_full=counted.dropped_full if counted is not None else 0,
+            dropped_oversize=counted.dropped_oversize if counted is not None else 0,
+            blocked=counted.blocked if counted is not None else 0,
+            spool_bytes=counted.disk_bytes + counted.buffered_bytes if counted is not None else 0,
+            spool_full=spool is not None and spool.is_full,
+            spool_write_errors=counted.write_errors if counted is not None else 0,
+            audit_written=audit.written if audit is not None else 0,
+            audit_pending=audit.pending if audit is not None else 0,
+        )
+
+    async def _publish_metrics(self) -> None:
+        while True:
+            self.metrics.publish(self.state())
+            await asyncio.sleep(METRICS_INTERVAL_S)
 
     def _spawn(self, coro: Any, name: str) -> None:
         self._tasks.append(asyncio.get_running_loop().create_task(coro, name=name))
@@ -610,6 +639,8 @@ class ProxyWorker:
             await self.internal_default.stop()
         if self.api_pool is not None:
             await self.api_pool.close()
+        # After the audit and spool flushes above: the last lines and records count too.
+        self.metrics.publish(self.state())
         if self.redis is not None:
             await self.redis.aclose()
         if self.forwarder is not None and self.forwarder.pool is not None:

@@ -8,6 +8,7 @@ values to memory-mapped files there, and the admin listener adds them up.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from prometheus_client import (
     REGISTRY,
@@ -28,6 +29,24 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "protocol", "closed")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerState:
+    """What a worker's policy store, spool and audit log have counted so far."""
+
+    policy_reloads_ok: int = 0
+    policy_reloads_failed: int = 0
+    policy_failing: bool = False
+    appended: int = 0
+    dropped_full: int = 0
+    dropped_oversize: int = 0
+    blocked: int = 0
+    spool_bytes: int = 0
+    spool_full: bool = False
+    spool_write_errors: int = 0
+    audit_written: int = 0
+    audit_pending: int = 0
 
 
 class ProxyMetrics:
@@ -76,10 +95,92 @@ class ProxyMetrics:
             "Access log entries dropped because the buffer was full.",
             registry=reg,
         )
+        self.policy_reloads = Counter(
+            "lineage_sidecar_policy_reloads_total",
+            "Policy reloads from the files, by result (a broken state is counted once).",
+            ["result"],
+            registry=reg,
+        )
+        self.policy_failing = Gauge(
+            "lineage_sidecar_policy_reload_failing",
+            "1 while the policy files fail to load and the last good policy is served.",
+            multiprocess_mode="max",
+            registry=reg,
+        )
+        self.capture_records = Counter(
+            "lineage_sidecar_capture_records_total",
+            "Capture records by fate: appended to the spool, or dropped (full, oversize).",
+            ["result"],
+            registry=reg,
+        )
+        self.capture_blocked = Counter(
+            "lineage_sidecar_capture_blocked_total",
+            "Requests that waited for room in a full spool (when_full: block).",
+            registry=reg,
+        )
+        self.spool_bytes = Gauge(
+            "lineage_sidecar_spool_bytes",
+            "Bytes of the capture spool: segment files on disk plus the write buffer.",
+            multiprocess_mode="livesum",
+            registry=reg,
+        )
+        self.spool_full = Gauge(
+            "lineage_sidecar_spool_full",
+            "1 while a capture spool has no room for another record.",
+            multiprocess_mode="max",
+            registry=reg,
+        )
+        self.spool_write_errors = Counter(
+            "lineage_sidecar_spool_write_errors_total",
+            "Failed writes of the capture spool (retried; see /readyz and the log).",
+            registry=reg,
+        )
+        self.audit_lines = Counter(
+            "lineage_sidecar_audit_lines_total",
+            "Decisions written to the audit log.",
+            registry=reg,
+        )
+        self.audit_pending = Gauge(
+            "lineage_sidecar_audit_pending",
+            "Decisions waiting to be written to the audit log.",
+            multiprocess_mode="livesum",
+            registry=reg,
+        )
+        self._published = WorkerState()
         # Bound children: the hot path indexes a tuple instead of calling labels().
         self.by_status_class = tuple(self.requests.labels(c) for c in STATUS_CLASSES)
         self.upstream_error = {k: self.upstream_errors.labels(k) for k in UPSTREAM_ERROR_KINDS}
         self.observe_latency = self.latency.observe
+
+    def publish(self, state: WorkerState) -> None:
+        """Bring the metrics up to `state`. The parts keep plain counters that cost the
+        request path nothing; this runs every half second and once more at shutdown,
+        adding to each Prometheus counter what its part counted since the last call."""
+        last, self._published = self._published, state
+        for counter, now, before in (
+            (self.policy_reloads.labels("ok"), state.policy_reloads_ok, last.policy_reloads_ok),
+            (
+                self.policy_reloads.labels("failed"),
+                state.policy_reloads_failed,
+                last.policy_reloads_failed,
+            ),
+            (self.capture_records.labels("appended"), state.appended, last.appended),
+            (self.capture_records.labels("dropped_full"), state.dropped_full, last.dropped_full),
+            (
+                self.capture_records.labels("dropped_oversize"),
+                state.dropped_oversize,
+                last.dropped_oversize,
+            ),
+            (self.capture_blocked, state.blocked, last.blocked),
+            (self.spool_write_errors, state.spool_write_errors, last.spool_write_errors),
+            (self.audit_lines, state.audit_written, last.audit_written),
+        ):
+            if now > before:
+                counter.inc(now - before)
+        self.policy_failing.set(1 if state.policy_failing else 0)
+        self.spool_bytes.set(state.spool_bytes)
+        self.spool_full.set(1 if state.spool_full else 0)
+        self.audit_pending.set(state.audit_pending)
 
     def count_response(self, status: int, seconds: float) -> None:
         index = status // 100 - 1

@@ -330,6 +330,15 @@ def test_every_decision_is_audited_in_an_intact_chain(gated: GatedProxy) -> None
     assert denied[-1]["decision"] == "deny"
     assert denied[-1]["rule"].startswith("analyst, dataset:sales.secret, read, deny")
     assert verify([gated.audit]).ok
+    # /metrics counts the lines written (published twice a second), as the file holds them.
+    deadline = time.monotonic() + 5
+    while True:
+        metrics = get(gated.proxy.admin_port, "/metrics").body.decode().splitlines()
+        written = len(gated.audit.read_text().splitlines())
+        if f"lineage_sidecar_audit_lines_total {float(written)}" in metrics:
+            break
+        assert time.monotonic() < deadline, (written, [m for m in metrics if "audit" in m])
+        time.sleep(0.1)
 
 
 def test_a_decision_made_again_is_audited_again(gated: GatedProxy) -> None:

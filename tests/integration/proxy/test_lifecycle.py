@@ -78,8 +78,45 @@ def test_each_worker_reports_a_refused_policy_edit_in_readyz(
         # Each worker notices the edit at its own poll: wait until both have said so.
         reasons = _wait_for_readyz(proxy.admin_port, 503, "worker 0: ", "worker 1: ")
         assert reasons.count("policy.csv:10: p line has 1 fields") == 2  # file and line
+        # And the metrics an alert is written on, summed over both workers.
+        broken = _wait_for_metrics(
+            proxy.admin_port,
+            {
+                'lineage_sidecar_policy_reloads_total{result="failed"}': 2.0,
+                "lineage_sidecar_policy_reload_failing": 1.0,
+            },
+        )
+        # Edited back to the version in force: recovered, and no reload (nothing swapped).
         (policies / "policy.csv").write_text(POLICY)
         _wait_for_readyz(proxy.admin_port, 200)
+        ok = 'lineage_sidecar_policy_reloads_total{result="ok"}'
+        _wait_for_metrics(
+            proxy.admin_port,
+            {
+                ok: broken[ok],
+                'lineage_sidecar_policy_reloads_total{result="failed"}': 2.0,
+                "lineage_sidecar_policy_reload_failing": 0.0,
+            },
+        )
+
+
+def _wait_for_metrics(admin_port: int, expected: dict[str, float]) -> dict[str, float]:
+    """Every sample of /metrics once the ones in `expected` have those values (workers
+    publish twice a second)."""
+    deadline = time.monotonic() + 15
+    while True:
+        reply = get(admin_port, "/metrics")
+        samples = {
+            name: float(value)
+            for line in reply.body.decode().splitlines()
+            if line and not line.startswith("#")
+            for name, _, value in [line.rpartition(" ")]
+        }
+        if reply.status == 200 and all(samples.get(k) == v for k, v in expected.items()):
+            return samples
+        found = {k: samples.get(k) for k in expected}
+        assert time.monotonic() < deadline, (expected, found)
+        time.sleep(0.1)
 
 
 def _wait_for_readyz(admin_port: int, status: int, *needles: str) -> str:

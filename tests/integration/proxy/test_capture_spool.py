@@ -1,0 +1,67 @@
+"""A full capture spool, on a real proxy: traffic goes on (fail_open), and every request
+is accounted for on /metrics, as appended or as dropped, with /readyz and the log saying
+why. Nothing disappears uncounted."""
+
+from __future__ import annotations
+
+import http.client
+import time
+from pathlib import Path
+
+from tests.integration.proxy.conftest import run_proxy
+from tests.integration.proxy.rawhttp import get
+
+SPOOL_BYTES = 4 << 20  # the smallest spool the configuration allows
+TRACE_STATE = "vendor=" + "x" * 6000  # each record carries it: about 6 KB a record
+
+
+def _samples(admin_port: int) -> dict[str, float]:
+    reply = get(admin_port, "/metrics")
+    assert reply.status == 200
+    return {
+        name: float(value)
+        for line in reply.body.decode().splitlines()
+        if line and not line.startswith("#")
+        for name, _, value in [line.rpartition(" ")]
+    }
+
+
+def test_a_full_spool_drops_counts_and_says_so(echo_upstream: str, tmp_path: Path) -> None:
+    extra = {
+        "capture": {
+            "spool_dir": str(tmp_path / "spool"),
+            "max_bytes": SPOOL_BYTES,
+            "when_full": "fail_open",
+        }
+    }
+    with run_proxy(tmp_path, echo_upstream, extra=extra) as proxy:
+        connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+        sent = 0
+        try:
+            # Enough records to fill the spool twice over: no agent is reading it.
+            for _ in range(2 * SPOOL_BYTES // len(TRACE_STATE)):
+                connection.request("GET", "/tables/sales.json", headers={"tracestate": TRACE_STATE})
+                response = connection.getresponse()
+                response.read()
+                assert response.status == 200  # fail_open: the traffic goes on
+                sent += 1
+        finally:
+            connection.close()
+        ready = get(proxy.admin_port, "/readyz")
+        assert ready.status == 503
+        assert "capture spool is full" in ready.body.decode()
+        appended = 'lineage_sidecar_capture_records_total{result="appended"}'
+        dropped = 'lineage_sidecar_capture_records_total{result="dropped_full"}'
+        deadline = time.monotonic() + 10
+        while True:
+            samples = _samples(proxy.admin_port)
+            if samples.get(appended, 0) + samples.get(dropped, 0) == sent:
+                break
+            assert time.monotonic() < deadline, (sent, samples.get(appended), samples.get(dropped))
+            time.sleep(0.1)
+        assert samples[dropped] > 0
+        assert samples["lineage_sidecar_spool_full"] == 1
+        assert samples["lineage_sidecar_spool_bytes"] <= SPOOL_BYTES
+        assert samples['lineage_sidecar_capture_records_total{result="dropped_oversize"}'] == 0
+    log = proxy.log.read_text()
+    assert "dropping capture records (fail_open)" in log
