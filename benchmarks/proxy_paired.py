@@ -33,7 +33,7 @@ import signal
 import statistics
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import msgspec
@@ -42,7 +42,13 @@ from benchmarks._machine import ToolMissing, ensure_tools, loadavg, machine_info
 from benchmarks._nginx import NginxInstance, start_upstream
 from benchmarks._probe import TargetFailed
 from benchmarks._procs import free_port, run_time_s, user_system_seconds
-from benchmarks._targets import BenchContext, SidecarProxy, Target, default_targets
+from benchmarks._targets import (
+    BenchContext,
+    SidecarProxy,
+    Target,
+    default_targets,
+    sidecar_command,
+)
 from benchmarks._tls import make_test_pki
 from benchmarks._wrk import WrkReport, WrkReportError, parse_wrk_report, run_wrks, wrk_argv
 from benchmarks.proxy import RESULTS_DIR, choose_placement, start_targets
@@ -252,7 +258,7 @@ def run(
     proxies: two processes of one program differ by a percent or two (hash seeds, memory
     layout), so each start draws that difference anew instead of keeping one draw."""
     names = {name for pair in pairs for name in pair}
-    known = {t.name: t for t in _targets()}
+    known = {t.name: t for t in _targets(args.baseline_tree and args.baseline_tree.resolve())}
     targets = [known[name] for name in known if name in names]
     placement = choose_placement(None, None)
     rounds: dict[tuple[str, str], list[PairRound]] = {pair: [] for pair in pairs}
@@ -325,16 +331,53 @@ def _stop(started: list[Target]) -> None:
         started.pop().stop()
 
 
-def _targets() -> list[Target]:
+def _targets(baseline_tree: Path | None = None) -> list[Target]:
+    """Every benchmark target, the twin, and with `baseline_tree` each sidecar target
+    again as `NAME@base`, run from the code in that directory (before/after a change)."""
     targets = default_targets()
     sidecar = next(t for t in targets if t.name == "sidecar")
     assert isinstance(sidecar, SidecarProxy)
     twin = dataclasses.replace(sidecar, name=TWIN, description="a second pass-through sidecar")
-    return [*targets, twin]
+    extra: list[Target] = [twin]
+    if baseline_tree is not None:
+        command = _command_from(baseline_tree)
+        extra += [
+            dataclasses.replace(
+                t,
+                name=f"{t.name}@base",
+                description=f"{t.description}, code of {baseline_tree}",
+                command=command,
+            )
+            for t in targets
+            if isinstance(t, SidecarProxy) and t.command is sidecar_command
+        ]
+    return [*targets, *extra]
+
+
+def _command_from(tree: Path) -> Callable[[], list[str]]:
+    """`lineage-sidecar proxy` with the packages of `tree` first on the import path.
+
+    First means before the working directory too: `python -c` puts it at sys.path[0], and
+    run from a checkout, the checkout's own packages would win over PYTHONPATH.
+    """
+    launcher = (
+        f"import sys; sys.path.insert(0, {str(tree)!r}); "
+        "from lineage_sidecar.cli import main; sys.exit(main())"
+    )
+
+    def command() -> list[str]:
+        return ["env", f"PYTHONPATH={tree}", sys.executable, "-c", launcher, "proxy"]
+
+    return command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    known = [t.name for t in _targets()]
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--baseline-tree", type=Path, default=None)
+    baseline_tree = pre.parse_known_args(argv)[0].baseline_tree
+    if baseline_tree is not None:
+        baseline_tree = baseline_tree.resolve()
+    known = [t.name for t in _targets(baseline_tree)]
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.proxy_paired",
         description="What each mode costs, measured concurrently with its baseline.",
@@ -351,6 +394,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--connections", type=int, default=32, help="wrk connections per side")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument(
+        "--baseline-tree",
+        type=Path,
+        default=None,
+        help="a checkout of other code (e.g. git worktree add /tmp/base HEAD~1): each sidecar "
+        "target is also known as NAME@base, run from it, for pairs such as "
+        "sidecar-capture:sidecar-capture@base",
+    )
     args = parser.parse_args(argv)
     try:
         pairs = parse_pairs(args.pairs, known)

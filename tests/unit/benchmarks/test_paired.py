@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import pytest
 
-from benchmarks.proxy_paired import PairRound, Side, markdown_table, parse_pairs, summarise
+from benchmarks.proxy_paired import (
+    PairRound,
+    Side,
+    _command_from,
+    markdown_table,
+    parse_pairs,
+    summarise,
+)
 
 KNOWN = ("sidecar", "sidecar-twin", "sidecar-jwt", "sidecar-bearer")
 
@@ -70,3 +80,20 @@ def test_rounds_without_requests_are_left_out_and_an_empty_pair_says_failed() ->
     counted = summarise("sidecar-jwt", "sidecar", [empty, _round(1, 2, 120, 100)])
     assert counted.cost_ratio_median == pytest.approx(1.2)
     assert "| sidecar-jwt | sidecar | 1.200x |" in markdown_table([counted])
+
+
+def test_a_baseline_tree_wins_over_the_working_directory(tmp_path: Path) -> None:
+    # Run from the repository (as the harness is), `python -c` finds the repository's
+    # own packages first; the baseline tree's must be the ones imported all the same.
+    tree = tmp_path / "base"
+    (tree / "lineage_sidecar").mkdir(parents=True)
+    (tree / "lineage_sidecar" / "__init__.py").write_text("")
+    (tree / "lineage_sidecar" / "cli.py").write_text(
+        "import sys\ndef main() -> int:\n    print('baseline tree', sys.argv[1:])\n    return 0\n"
+    )
+    repository = Path(__file__).resolve().parents[3]
+    argv = _command_from(tree)()
+    ran = subprocess.run(
+        [*argv, "--config", "x.yaml"], cwd=repository, capture_output=True, text=True, check=True
+    )
+    assert ran.stdout.strip() == "baseline tree ['proxy', '--config', 'x.yaml']"
