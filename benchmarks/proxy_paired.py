@@ -18,8 +18,11 @@ writer) gets a larger share.
 The pair `sidecar-twin:sidecar` (two identical pass-through proxies) is the method's
 own resolution: its ratios should be 1.00, and their spread is the noise left.
 
-Usage: python -m benchmarks.proxy_paired [--pairs cand:base,...] [--rounds N]
-       [--duration S] [--warmup S] [--connections N]
+`--baseline-tree DIR` adds every sidecar target again as `NAME@base`, run from the code
+in DIR: a change and the code before it, side by side in one run.
+
+Usage: python -m benchmarks.proxy_paired [--pairs cand:base,...] [--starts N] [--rounds N]
+       [--duration S] [--warmup S] [--connections N] [--baseline-tree DIR]
 """
 
 from __future__ import annotations
