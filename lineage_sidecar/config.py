@@ -403,8 +403,12 @@ class CaptureConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     ] = []
     body_excerpt_bytes: Annotated[
         int,
-        msgspec.Meta(ge=0, le=1 << 20),
-        _doc("For routes whose SQL is in the body: how much of the body is kept (bytes)."),
+        msgspec.Meta(ge=0, le=128 << 10),
+        _doc(
+            "For routes whose SQL is in the body: how much of the body is kept (bytes, at "
+            "most 128 KiB: a record holds it twice, as SQL and as the excerpt, decoded text "
+            "can take three times the bytes, and a record over 1 MiB is dropped)."
+        ),
     ] = 64 * 1024
     flush_interval_s: Annotated[
         float,

@@ -128,6 +128,10 @@ def test_missing_secret_names_the_field(tmp_path: Path) -> None:
             {"proxy": {"upstream": "http://a:1"}, "capture": {"flush_interval_s": 3600}},
             r"capture\.flush_interval_s",
         ),
+        (
+            {"proxy": {"upstream": "http://a:1"}, "capture": {"body_excerpt_bytes": 1 << 20}},
+            r"capture\.body_excerpt_bytes",
+        ),
     ],
 )
 def test_bad_config_is_one_line_naming_the_field(

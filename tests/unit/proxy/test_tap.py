@@ -121,3 +121,42 @@ def test_without_correlation_headers_configured_none_are_copied(tmp_path: Path) 
     record = tapped(tmp_path, None, {"X-Job-Run": "nightly-42"}, correlation_headers=())
     assert record.correlation == {}
     assert record.path == "/ignored"
+
+
+def test_the_largest_excerpt_allowed_fits_in_a_record(tmp_path: Path) -> None:
+    # capture.body_excerpt_bytes is at most 128 KiB because a record holds the excerpt
+    # twice (as SQL and as the excerpt) and bytes that are not UTF-8 decode to three
+    # bytes each: the worst such body, with the longest trace headers, must still be
+    # written, not dropped as oversize.
+    routes = (
+        b"version: 1\nroutes:\n  - name: q\n    methods: [POST]\n    path: /q\n"
+        b"    resource: database:x\n    action: write\n"
+        b"    sql: {from: body, param: sql, dialect: sqlite}\n"
+    )
+    snapshot = build_snapshot(
+        ("model.conf", (POLICIES / "model.conf").read_bytes()),
+        [("policy.csv", b"p, analyst, database:x, write, allow\n")],
+        ("routes.yaml", routes),
+    )
+    normalized, match = snapshot.routes.resolve("POST", "/q")
+    assert match is not None
+    admission = Admission(target=normalized.upstream_target, match=match, outcome="allow")
+    spool = SpoolWriter(tmp_path / "spool", SpoolOptions())
+    tap = Tap(spool, service="http://sales.test", correlation_headers=())
+    headers = {"Content-Type": "text/plain", "traceparent": "t" * 8000, "tracestate": "s" * 8000}
+    request = make_mocked_request("POST", "/q", headers=CIMultiDict(headers))
+    excerpt = b"\xff" * (128 << 10)
+    waiting = tap.record(
+        request, request_id="req-1", time_ns=1, status=200, bytes_in=len(excerpt),
+        bytes_out=0, duration_s=0.001, admission=admission, body_excerpt=excerpt,
+    )  # fmt: skip
+    assert waiting is None
+    assert spool.metrics.dropped_oversize == 0
+    spool.close()
+    reader = SpoolReader(tmp_path / "spool")
+    try:
+        [(_, record)] = reader.read_batch(10)
+    finally:
+        reader.close()
+    assert record.body_excerpt == "\ufffd" * (128 << 10)
+    assert record.sql == record.body_excerpt
