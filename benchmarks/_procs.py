@@ -237,10 +237,13 @@ def run_time_s(pids: Iterable[int]) -> float:
     /proc/PID/task/TID/schedstat (nanoseconds, where `cpu_seconds` counts 10 ms ticks).
 
     Threads that have exited are not counted: use it over windows in which the threads
-    of the measured processes live on (a proxy's writer and executor threads do).
+    of the measured processes live on (a proxy's writer and executor threads do). On a
+    kernel without schedstat files it falls back to `cpu_seconds`.
     """
     total_ns = 0
-    for pid in process_tree(pids):
+    read_any = False
+    tree = process_tree(pids)
+    for pid in tree:
         try:
             tasks = list(Path(f"/proc/{pid}/task").iterdir())
         except OSError:
@@ -250,7 +253,8 @@ def run_time_s(pids: Iterable[int]) -> float:
                 total_ns += int((task / "schedstat").read_text().split()[0])
             except (OSError, IndexError, ValueError):
                 continue
-    return total_ns / 1e9
+            read_any = True
+    return total_ns / 1e9 if read_any else cpu_seconds(tree)
 
 
 @dataclass(frozen=True)
