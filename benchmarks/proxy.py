@@ -14,6 +14,7 @@ Usage: scripts/bench [--quick] [--targets upstream,nginx,...] [--rounds N] ...
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import resource
@@ -21,7 +22,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -134,7 +135,7 @@ def choose_placement(client_cpu: int | None, server_cpu: int | None) -> Placemen
     return Placement(client, server)
 
 
-def _interrupt(signum: int, _frame: FrameType | None) -> None:
+def interrupt(signum: int, _frame: FrameType | None) -> None:
     # SIGTERM/SIGHUP take the same path as Ctrl-C, through every `finally` that stops servers.
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -226,12 +227,13 @@ def start_targets(
     return verifications, failures
 
 
-def run_benchmark(params: Parameters, placement: Placement, workdir: Path) -> list[TargetSummary]:
-    """Start everything, measure every round, stop everything; summaries per target."""
-    targets = [t for t in default_targets() if t.name in params.targets]
-    targets.sort(key=lambda t: params.targets.index(t.name))
-    rounds: dict[str, list[RoundResult]] = {t.name: [] for t in targets}
-    urls: dict[str, str] = {}
+@contextlib.contextmanager
+def bench_servers(
+    workdir: Path, placement: Placement, *, load_s: float, connections: int
+) -> Iterator[tuple[BenchContext, NginxInstance, list[Target]]]:
+    """The upstream and the context targets start in; on the way out, every target in the
+    yielded list (the caller appends each one before starting it) and the upstream are
+    stopped, also on Ctrl-C or an error."""
     upstream: NginxInstance | None = None
     started: list[Target] = []
     try:
@@ -243,9 +245,40 @@ def run_benchmark(params: Parameters, placement: Placement, workdir: Path) -> li
             placement=placement,
             upstream_port=upstream_port,
             upstream_pids=upstream.pids,
-            load_s=params.rounds * (params.warmup_s + params.duration_s),
-            connections=params.connections,
+            load_s=load_s,
+            connections=connections,
         )
+        yield ctx, upstream, started
+    finally:
+        # A second Ctrl-C must not cut the cleanup short and leave servers behind.
+        previous = {s: signal.signal(s, signal.SIG_IGN) for s in _STOP_SIGNALS}
+        try:
+            stop_all(started)
+            if upstream is not None:
+                upstream.stop()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+def stop_all(started: list[Target]) -> None:
+    """Stop the targets, last started first, and empty the list."""
+    while started:
+        started.pop().stop()
+
+
+def run_benchmark(params: Parameters, placement: Placement, workdir: Path) -> list[TargetSummary]:
+    """Start everything, measure every round, stop everything; summaries per target."""
+    targets = [t for t in default_targets() if t.name in params.targets]
+    targets.sort(key=lambda t: params.targets.index(t.name))
+    rounds: dict[str, list[RoundResult]] = {t.name: [] for t in targets}
+    urls: dict[str, str] = {}
+    load_s = params.rounds * (params.warmup_s + params.duration_s)
+    with bench_servers(workdir, placement, load_s=load_s, connections=params.connections) as (
+        ctx,
+        upstream,
+        started,
+    ):
         verifications, failures = start_targets(targets, ctx, started)
         urls = {t.name: t.url() for t in targets if t.name in verifications}
         for round_no in range(1, params.rounds + 1):
@@ -272,17 +305,6 @@ def run_benchmark(params: Parameters, placement: Placement, workdir: Path) -> li
                 if not target.running():
                     failures[target.name] = target.failure_report(f"exited during round {round_no}")
                     _say(failures[target.name])
-    finally:
-        # A second Ctrl-C must not cut the cleanup short and leave servers behind.
-        previous = {s: signal.signal(s, signal.SIG_IGN) for s in _STOP_SIGNALS}
-        try:
-            for target in reversed(started):
-                target.stop()
-            if upstream is not None:
-                upstream.stop()
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
     return summarise(targets, rounds, failures, verifications, urls)
 
 
@@ -377,7 +399,7 @@ def render_markdown(
 def main(argv: Sequence[str] | None = None) -> int:
     params, args = parse_args(argv)
     for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _interrupt)
+        signal.signal(signum, interrupt)
     try:
         return _run(params, args, argv)
     except KeyboardInterrupt:

@@ -36,25 +36,31 @@ import signal
 import statistics
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 import msgspec
 
 from benchmarks._machine import ToolMissing, ensure_tools, loadavg, machine_info
-from benchmarks._nginx import NginxInstance, start_upstream
 from benchmarks._probe import TargetFailed
-from benchmarks._procs import free_port, run_time_s, user_system_seconds
+from benchmarks._procs import run_time_s, user_system_seconds
 from benchmarks._targets import (
     BenchContext,
+    Placement,
     SidecarProxy,
     Target,
     default_targets,
     sidecar_command,
 )
-from benchmarks._tls import make_test_pki
 from benchmarks._wrk import WrkReport, WrkReportError, parse_wrk_report, run_wrks, wrk_argv
-from benchmarks.proxy import RESULTS_DIR, choose_placement, start_targets
+from benchmarks.proxy import (
+    RESULTS_DIR,
+    bench_servers,
+    choose_placement,
+    interrupt,
+    start_targets,
+    stop_all,
+)
 
 SCHEMA = "lineage-sidecar/bench-proxy-paired/1"
 TWIN = "sidecar-twin"
@@ -120,7 +126,7 @@ class PairSummary(msgspec.Struct, frozen=True, kw_only=True):
     failure: str | None = None
 
 
-def parse_pairs(spec: str, known: Sequence[str]) -> tuple[tuple[str, str], ...]:
+def parse_pairs(spec: str, known: Collection[str]) -> tuple[tuple[str, str], ...]:
     """`cand:base,cand:base` into pairs; ValueError names what is wrong."""
     pairs: list[tuple[str, str]] = []
     for item in (part.strip() for part in spec.split(",")):
@@ -210,10 +216,6 @@ def _say(message: str) -> None:
     print(f"bench-paired: {message}", file=sys.stderr, flush=True)
 
 
-def _interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def _argv(target: Target, ctx: BenchContext, args: argparse.Namespace, seconds: float) -> list[str]:
     return wrk_argv(
         target.url(), connections=args.connections, duration_s=seconds, headers=target.headers,
@@ -255,32 +257,26 @@ def measure_pair(
 
 
 def run(
-    args: argparse.Namespace, pairs: Sequence[tuple[str, str]], workdir: Path
+    args: argparse.Namespace,
+    pairs: Sequence[tuple[str, str]],
+    known: dict[str, Target],
+    placement: Placement,
+    workdir: Path,
 ) -> list[PairSummary]:
     """Every pair, `args.rounds` times in each of `args.starts` fresh starts of the
     proxies: two processes of one program differ by a percent or two (hash seeds, memory
     layout, the order they were started in), so each start draws that difference anew
     instead of keeping one draw."""
     names = {name for pair in pairs for name in pair}
-    known = {t.name: t for t in _targets(args.baseline_tree and args.baseline_tree.resolve())}
-    targets = [known[name] for name in known if name in names]
-    placement = choose_placement(None, None)
+    targets = [target for name, target in known.items() if name in names]
     rounds: dict[tuple[str, str], list[PairRound]] = {pair: [] for pair in pairs}
     failures: dict[tuple[str, str], str] = {}
-    upstream: NginxInstance | None = None
-    started: list[Target] = []
-    try:
-        upstream_port = free_port()
-        upstream = start_upstream(workdir, placement.server_cpu, upstream_port)
-        ctx = BenchContext(
-            workdir=workdir,
-            pki=make_test_pki(workdir / "pki"),
-            placement=placement,
-            upstream_port=upstream_port,
-            upstream_pids=upstream.pids,
-            load_s=args.starts * args.rounds * len(pairs) * (args.warmup + args.duration),
-            connections=args.connections,
-        )
+    load_s = args.starts * args.rounds * len(pairs) * (args.warmup + args.duration)
+    with bench_servers(workdir, placement, load_s=load_s, connections=args.connections) as (
+        ctx,
+        _upstream,
+        started,
+    ):
         for start in range(1, args.starts + 1):
             # The process started first measured 1-2% more CPU per request than an
             # identical one started last, whichever it was: odd starts go in list order,
@@ -313,16 +309,7 @@ def run(
                         f"{_kernel_share(result.candidate):.0%} vs "
                         f"{_kernel_share(result.baseline):.0%})"
                     )
-            _stop(started)
-    finally:
-        previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            _stop(started)
-            if upstream is not None:
-                upstream.stop()
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+            stop_all(started)
     return [
         msgspec.structs.replace(summarise(c, b, rounds[(c, b)]), failure=failures.get((c, b)))
         for c, b in pairs
@@ -332,11 +319,6 @@ def run(
 def _kernel_share(side: Side) -> float:
     total = side.user_s + side.system_s
     return side.system_s / total if total else 0.0
-
-
-def _stop(started: list[Target]) -> None:
-    while started:
-        started.pop().stop()
 
 
 def _targets(baseline_tree: Path | None = None) -> list[Target]:
@@ -380,12 +362,11 @@ def _command_from(tree: Path) -> Callable[[], list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # The target names depend on --baseline-tree, and --pairs is checked against them.
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--baseline-tree", type=Path, default=None)
     baseline_tree = pre.parse_known_args(argv)[0].baseline_tree
-    if baseline_tree is not None:
-        baseline_tree = baseline_tree.resolve()
-    known = [t.name for t in _targets(baseline_tree)]
+    known = {t.name: t for t in _targets(baseline_tree and baseline_tree.resolve())}
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.proxy_paired",
         description="What each mode costs, measured concurrently with its baseline.",
@@ -428,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--starts, --rounds and --connections must be >= 1, --duration > 0, --warmup >= 0"
         )
     for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _interrupt)
+        signal.signal(signum, interrupt)
     try:
         installed = ensure_tools()
     except ToolMissing as exc:
@@ -442,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="lineage-bench-paired-"))
     workdir.chmod(0o755)  # nginx workers drop root and must reach their prefix
     try:
-        summaries = run(args, pairs, workdir)
+        summaries = run(args, pairs, known, placement, workdir)
     except KeyboardInterrupt:
         _say("interrupted; all servers stopped")
         return 130

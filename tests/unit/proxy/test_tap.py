@@ -23,10 +23,14 @@ def tapped(
     admission: Admission | None,
     headers: dict[str, str],
     correlation_headers: tuple[str, ...] = ("X-Job-Run",),
+    *,
+    method: str = "GET",
+    body_excerpt: bytes | None = None,
 ) -> CaptureRecord:
+    """The one record a request leaves in a fresh spool, read back from it."""
     spool = SpoolWriter(tmp_path / "spool", SpoolOptions())
     tap = Tap(spool, service="http://sales.test", correlation_headers=correlation_headers)
-    request = make_mocked_request("GET", "/ignored", headers=CIMultiDict(headers))
+    request = make_mocked_request(method, "/ignored", headers=CIMultiDict(headers))
     waiting = tap.record(
         request,
         request_id="req-1",
@@ -36,9 +40,10 @@ def tapped(
         bytes_out=4321,
         duration_s=0.0025,
         admission=admission,
-        body_excerpt=None,
+        body_excerpt=body_excerpt,
     )
     assert waiting is None
+    assert spool.metrics.dropped_oversize == 0
     spool.close()
     reader = SpoolReader(tmp_path / "spool")
     try:
@@ -141,22 +146,8 @@ def test_the_largest_excerpt_allowed_fits_in_a_record(tmp_path: Path) -> None:
     normalized, match = snapshot.routes.resolve("POST", "/q")
     assert match is not None
     admission = Admission(target=normalized.upstream_target, match=match, outcome="allow")
-    spool = SpoolWriter(tmp_path / "spool", SpoolOptions())
-    tap = Tap(spool, service="http://sales.test", correlation_headers=())
     headers = {"Content-Type": "text/plain", "traceparent": "t" * 8000, "tracestate": "s" * 8000}
-    request = make_mocked_request("POST", "/q", headers=CIMultiDict(headers))
     excerpt = b"\xff" * (128 << 10)
-    waiting = tap.record(
-        request, request_id="req-1", time_ns=1, status=200, bytes_in=len(excerpt),
-        bytes_out=0, duration_s=0.001, admission=admission, body_excerpt=excerpt,
-    )  # fmt: skip
-    assert waiting is None
-    assert spool.metrics.dropped_oversize == 0
-    spool.close()
-    reader = SpoolReader(tmp_path / "spool")
-    try:
-        [(_, record)] = reader.read_batch(10)
-    finally:
-        reader.close()
+    record = tapped(tmp_path, admission, headers, method="POST", body_excerpt=excerpt)
     assert record.body_excerpt == "\ufffd" * (128 << 10)
     assert record.sql == record.body_excerpt
