@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from hypothesis import given, settings
@@ -10,6 +12,7 @@ from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 
 from lineage_sidecar.config import Config, from_mapping
+from proxy import forward
 from proxy.forward import HOP_BY_HOP, PROXY_SET, ClientError, Forwarder
 from proxy.metrics import ProxyMetrics
 
@@ -147,3 +150,19 @@ def test_ipv6_peer_is_quoted_in_forwarded() -> None:
         (n.lower(), v) for n, v in upstream_headers(forwarder()._request_head(req, "r", b""))
     )
     assert values["forwarded"].startswith('for="[2001:db8::1]";')
+
+
+def test_a_forked_worker_does_not_repeat_its_parents_request_ids() -> None:
+    # Workers are forked from one process: each must draw its own ids, or two workers
+    # would hand the same X-Request-Id to the upstream and the audit log.
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child only reports and exits)
+        os.write(write_end, forward._random_bytes(12))
+        os._exit(0)
+    os.close(write_end)
+    os.waitpid(child, 0)
+    with os.fdopen(read_end, "rb") as pipe:
+        from_child = pipe.read()
+    assert len(from_child) == 12
+    assert from_child != forward._random_bytes(12)
