@@ -178,10 +178,18 @@ class AuditLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             try:
-                unwritten = memoryview(lines)
-                while unwritten:
-                    unwritten = unwritten[os.write(fd, unwritten) :]
-                os.fsync(fd)
+                start = os.lseek(fd, 0, os.SEEK_END)
+                try:
+                    unwritten = memoryview(lines)
+                    while unwritten:
+                        unwritten = unwritten[os.write(fd, unwritten) :]
+                    os.fsync(fd)
+                except OSError:
+                    # A batch is in the file whole or not at all: the retry writes it
+                    # again from its first line, and half a batch before it would break
+                    # the chain.
+                    os.ftruncate(fd, start)
+                    raise
             finally:
                 os.close(fd)
             self._seq, self._prev = seq, prev.decode()

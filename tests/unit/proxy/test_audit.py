@@ -246,3 +246,54 @@ def test_text_that_is_not_unicode_is_written_escaped_not_lost(tmp_path: Path) ->
     assert lines[0].entry.request_id == "id\\udc80"
     assert lines[1].entry == entry(1)
     assert verify([log_path]).ok
+
+
+_DISK_FILLS_UP = """
+import asyncio, resource, signal, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from proxy.audit import AuditLog, verify
+from tests.unit.proxy.test_audit import entry
+
+path = Path(sys.argv[1])
+log = AuditLog(path)
+for index in range(10):
+    log.record(entry(index))
+asyncio.run(log.flush())
+size = path.stat().st_size
+# The file may grow by half a line more, no further: the next batch is cut short.
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (size + 150, hard))
+for index in range(10, 20):
+    log.record(entry(index))
+try:
+    asyncio.run(log.flush())
+except OSError as exc:
+    print("refused:", exc.strerror)
+else:
+    raise SystemExit("the write over the limit should have failed")
+assert path.stat().st_size == size, (path.stat().st_size, size)
+assert log.pending == 10
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+asyncio.run(log.flush())
+result = verify([path])
+print("lines:", result.lines, "ok:", result.ok, result.problem)
+"""
+
+
+def test_a_batch_cut_short_by_the_disk_leaves_no_half_lines(tmp_path: Path) -> None:
+    # A full disk (here: a file size limit, in a child process) stops a batch after
+    # some of its bytes; what did get in is taken out again, so the retry continues an
+    # intact chain and every decision is there once.
+    repo = Path(__file__).resolve().parents[3]
+    done = subprocess.run(
+        [sys.executable, "-c", _DISK_FILLS_UP, str(tmp_path / "audit.jsonl"), str(repo)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "refused: File too large" in done.stdout
+    assert "lines: 20 ok: True None" in done.stdout
