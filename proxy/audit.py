@@ -113,7 +113,7 @@ def _chain_lines(
     gives (a property test holds it to that): only the request id is encoded here, the
     rest of the entry was encoded once per way of deciding. What is hashed is `prev` and
     the line with an empty `hash`, which is last; the hash then takes that empty string's
-    place. One loop over the batch, names bound once: this runs for every request, and
+    place. One loop over the batch, names bound once: this runs for every decision, and
     costs 40% less than a call per line returning the line.
     """
     sha256, encode = hashlib.sha256, _encoder.encode
