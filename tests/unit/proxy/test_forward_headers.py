@@ -153,13 +153,16 @@ def test_ipv6_peer_is_quoted_in_forwarded() -> None:
 
 
 def test_a_forked_worker_does_not_repeat_its_parents_request_ids() -> None:
-    # Workers are forked from one process: each must draw its own ids, or two workers
-    # would hand the same X-Request-Id to the upstream and the audit log.
+    # The proxy's workers are spawned, and seed their own generator; a process that
+    # forks instead must not repeat its parent's ids either, or two processes would
+    # hand the same X-Request-Id to the upstream and the audit log.
     read_end, write_end = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover (the child only reports and exits)
-        os.write(write_end, forward._random_bytes(12))
-        os._exit(0)
+        try:
+            os.write(write_end, forward._random_bytes(12))
+        finally:
+            os._exit(0)
     os.close(write_end)
     os.waitpid(child, 0)
     with os.fdopen(read_end, "rb") as pipe:
