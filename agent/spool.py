@@ -238,7 +238,7 @@ def parse_segment_header(header: bytes, *, expected_sequence: int, where: str) -
 
 
 def encode_frame(payload: bytes) -> bytes:
-    return _FRAME_HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+    return _pack_frame_header(len(payload), zlib.crc32(payload)) + payload
 
 
 FrameStop = Literal["end", "short", "corrupt", "limit"]
@@ -622,9 +622,7 @@ class SpoolWriter:
             popleft = queue.popleft
             # Framed here, not on the request path: the CRC tables stay in this thread's
             # cache across the batch instead of being fetched again for every request.
-            crc32, header = zlib.crc32, _pack_frame_header
-            for payload in [popleft() for _ in range(len(queue))]:
-                pending.append(header(len(payload), crc32(payload)) + payload)
+            pending += map(encode_frame, [popleft() for _ in range(len(queue))])
             if pending:
                 try:
                     written = self._write(pending)
