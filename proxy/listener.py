@@ -34,7 +34,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from agent.api import SERVER_SETTINGS
-from agent.spool import SpoolBusyError, SpoolOptions, SpoolWriter
+from agent.spool import SpoolBusyError, SpoolOptions, SpoolWriter, SpoolWriterMetrics
 from agent.store.migrate import MigrationError
 from lineage_sidecar.config import (
     ApiConfig,
@@ -580,18 +580,19 @@ class ProxyWorker:
     def state(self) -> WorkerState:
         """The counters of this worker's parts, for `ProxyMetrics.publish`."""
         policy, spool, audit = self.policy, self.spool, self.audit
-        counted = spool.metrics if spool is not None else None
+        # Without capture, every spool counter reads zero.
+        counted = spool.metrics if spool is not None else SpoolWriterMetrics()
         return WorkerState(
             policy_reloads_ok=policy.reloads_ok if policy is not None else 0,
             policy_reloads_failed=policy.reloads_failed if policy is not None else 0,
             policy_failing=policy is not None and policy.last_error is not None,
-            appended=counted.appended if counted is not None else 0,
-            dropped_full=counted.dropped_full if counted is not None else 0,
-            dropped_oversize=counted.dropped_oversize if counted is not None else 0,
-            blocked=counted.blocked if counted is not None else 0,
-            spool_bytes=counted.disk_bytes + counted.buffered_bytes if counted is not None else 0,
+            appended=counted.appended,
+            dropped_full=counted.dropped_full,
+            dropped_oversize=counted.dropped_oversize,
+            blocked=counted.blocked,
+            spool_bytes=counted.disk_bytes + counted.buffered_bytes,
             spool_full=spool is not None and spool.is_full,
-            spool_write_errors=counted.write_errors if counted is not None else 0,
+            spool_write_errors=counted.write_errors,
             audit_written=audit.written if audit is not None else 0,
             audit_pending=audit.pending if audit is not None else 0,
         )
