@@ -61,6 +61,7 @@ from agent.events import (
     OutputDataset,
     Run,
     RunEvent,
+    event_time_problem,
 )
 from agent.openapi import (
     MAX_ACCESS_LIMIT,
@@ -308,6 +309,9 @@ def to_run_event(tracked: TrackedEvent) -> RunEvent:
         event_time = tracked.event_time.astimezone(UTC)
     except OverflowError:
         raise ApiError(422, "invalid_event", "eventTime has no UTC equivalent") from None
+    problem = event_time_problem(event_time, "eventTime")
+    if problem is not None:
+        raise ApiError(422, "invalid_event", problem)
     return RunEvent(
         event_type=tracked.event_type,
         event_time=event_time,

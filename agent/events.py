@@ -209,14 +209,35 @@ def access_event_id(
     return name_uuid(EVENT_ID_NAMESPACE, key)
 
 
-_LATEST_NS = int(datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()) * 1_000_000_000
+# The times an event may carry, the same for the whole pipeline: derivation clamps to this
+# range, the lineage API refuses times outside it, and the store's writer sets an event
+# outside it aside. PostgreSQL and asyncpg read the calendar's ends (date 9999-12-31,
+# 0001-01-01) as +/-infinity, which has no partition and no RFC 3339 form; the bounds
+# stay well clear of them.
+EARLIEST_EVENT_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST_EVENT_TIME = datetime(9000, 1, 1, tzinfo=UTC)
+_LATEST_NS = int(LATEST_EVENT_TIME.timestamp()) * 1_000_000_000
+
+
+def event_time_problem(moment: datetime, field: str) -> str | None:
+    """Why `moment` cannot be an event's time (naming `field`), or None when it can."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    if EARLIEST_EVENT_TIME <= moment <= LATEST_EVENT_TIME:
+        return None
+    return (
+        f"{field} {moment.isoformat()} is out of range: event times lie from "
+        f"{EARLIEST_EVENT_TIME.isoformat()} to {LATEST_EVENT_TIME.isoformat()}"
+    )
 
 
 def time_from_ns(time_ns: int) -> datetime:
-    """UTC datetime from nanoseconds since the epoch (microsecond precision, as RFC 3339).
+    """UTC datetime from nanoseconds since the epoch (microsecond precision, as RFC 3339),
+    clamped to EARLIEST_EVENT_TIME..LATEST_EVENT_TIME.
 
-    Times outside 1970..9999 are clamped: a corrupt clock in one record must not stop the
-    agent, and RFC 3339 cannot express them anyway.
+    Clamped rather than refused: the record is still a true account of who asked for what
+    (only its clock was wrong), and refusing it would either lose it or, held back, stop
+    the agent at that record for ever.
     """
     seconds, rest_ns = divmod(min(max(time_ns, 0), _LATEST_NS), 1_000_000_000)
     return datetime.fromtimestamp(seconds, UTC).replace(microsecond=rest_ns // 1000)

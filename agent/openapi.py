@@ -116,7 +116,8 @@ class TrackedEvent(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """An OpenLineage RunEvent (spec 2-0-2) as a client sends it to `POST /lineage/track`.
 
     Unknown fields are refused everywhere except inside `facets`; `eventTime` must carry a
-    time zone; `runId` must be a UUID.
+    time zone and lie from 1970-01-01T00:00:00Z to 9000-01-01T00:00:00Z (422 otherwise);
+    `runId` must be a UUID.
     """
 
     event_type: EventType = msgspec.field(name="eventType")

@@ -5,8 +5,10 @@ them:
 
 * `screen(events)`: which events can be stored at all. PostgreSQL refuses NUL characters
   in `text` and `jsonb`, and UTF-8 cannot carry lone surrogates; an event that carries one
-  anywhere, or a number out of the column's range, is set aside with a reason for the dead
-  letter table instead of failing the whole batch.
+  anywhere, a number out of the column's range, or a time outside
+  `agent.events.EARLIEST_EVENT_TIME..LATEST_EVENT_TIME` (near the calendar's ends, which
+  the driver sends as infinity) is set aside with a reason for the dead letter table
+  instead of failing the whole batch.
 * `plan_runs(new_run_events)`: the rows the run events that were new to the store add or
   update: jobs, datasets, the run's state, its inputs and outputs, dataset and column edges.
 
@@ -24,7 +26,7 @@ from datetime import UTC, date, datetime
 
 import msgspec
 
-from agent.events import AccessEvent, LineageEvent, RunEvent, run_event_id
+from agent.events import AccessEvent, LineageEvent, RunEvent, event_time_problem, run_event_id
 
 __all__ = [
     "STATE_RANK",
@@ -138,7 +140,7 @@ def access_problem(event: AccessEvent) -> str | None:
                 return problem
     if not _INT4_MIN <= event.status <= _INT4_MAX:
         return f"status {event.status} is out of range"
-    return None
+    return event_time_problem(event.time, "time")
 
 
 def _fallback_payload(event: LineageEvent) -> bytes:
@@ -180,7 +182,7 @@ def screen(events: Sequence[LineageEvent]) -> Screened:
         seen.add(event_id)
         # The encoding succeeded, so every string is valid Unicode, and a NUL in any of
         # them reads `\u0000` in the JSON: only then is the walk worth its cost.
-        problem = (
+        problem = event_time_problem(event.event_time, "eventTime") or (
             _walk_strings(msgspec.to_builtins(event), "run event")
             if b"\\u0000" in payload
             else None

@@ -564,6 +564,23 @@ async def test_times_without_a_utc_form_are_refused(api: Api, moment: str) -> No
     assert response.status == 422, await response.text()
 
 
+@pytest.mark.parametrize(
+    "moment", ["9999-12-31T23:59:59.999999Z", "0001-01-01T00:00:00Z", "9000-01-01T00:00:01Z"]
+)
+async def test_event_times_outside_the_supported_range_are_refused(api: Api, moment: str) -> None:
+    # The calendar's ends would be stored as +/-infinity and read back without a zone.
+    grant_all(api, WRITER, "src", "out")
+    response = await api.client.post(
+        "/lineage/track", json=_with(eventTime=moment), headers=api.as_user(WRITER)
+    )
+    assert response.status == 422
+    body = await response.json()
+    assert body["error"] == "invalid_event"
+    assert body["message"].startswith("eventTime ")
+    assert "1970-01-01" in body["message"]
+    assert await api.connection.fetchval("SELECT count(*) FROM events_raw") == 0
+
+
 async def test_an_identity_header_that_is_not_utf8_is_refused(api: Api) -> None:
     assert api.client.port is not None
     reader, writer = await asyncio.open_connection("127.0.0.1", api.client.port)

@@ -10,7 +10,7 @@ import asyncpg
 import msgspec
 import pytest
 
-from agent.events import AccessEvent, RunEvent
+from agent.events import LATEST_EVENT_TIME, AccessEvent, RunEvent, time_from_ns
 from agent.store.writer import StoreError, StoreWriter, WriteResult
 from tests.integration.store.conftest import empty_store
 from tests.integration.store.factories import (
@@ -310,6 +310,19 @@ async def test_hostile_but_storable_names_round_trip(
             id="nul-column-key",
         ),
         pytest.param(run_event("START", RUN, outputs=["\udcff"]), id="run-surrogate"),
+        # The calendar's last and first days, which asyncpg sends as +/-infinity.
+        pytest.param(
+            msgspec.structs.replace(access_event(7), time=datetime(9999, 12, 31, tzinfo=UTC)),
+            id="access-time-9999",
+        ),
+        pytest.param(
+            msgspec.structs.replace(access_event(7), time=datetime(1, 1, 1, tzinfo=UTC)),
+            id="access-time-0001",
+        ),
+        pytest.param(
+            run_event("START", RUN, outputs=["b"], at=datetime.max.replace(tzinfo=UTC)),
+            id="run-time-max",
+        ),
         pytest.param(
             run_event("START", RUN, outputs=["b"], columns={"b": {"c" * 10_000 + "\x00": []}}),
             id="nul-in-10kB-column",
@@ -420,3 +433,17 @@ async def test_naive_times_are_taken_as_utc(writer: StoreWriter, db: asyncpg.Con
     assert await db.fetchval("SELECT time FROM access_events") == T0
     assert await db.fetchval("SELECT started_at FROM runs") == T0
     assert await db.fetchval("SELECT event_time FROM events_raw") == T0
+
+
+async def test_events_from_a_clock_far_in_the_future_are_stored_at_the_latest_time(
+    writer: StoreWriter, db: asyncpg.Connection
+) -> None:
+    # Derivation clamps a broken clock's time; the writer must store it, not stall on it.
+    clamped = time_from_ns(2**80)
+    access = msgspec.structs.replace(access_event(1), time=clamped)
+    run = run_event("START", RUN, inputs=["a"], outputs=["b"], at=clamped)
+    assert await writer.write([access, run]) == WriteResult(inserted=2, duplicates=0)
+    assert await db.fetchval("SELECT time FROM access_events") == LATEST_EVENT_TIME
+    assert await db.fetchval("SELECT event_time::text FROM events_raw") != "infinity"
+    assert await db.fetchval("SELECT event_time FROM events_raw") == LATEST_EVENT_TIME
+    assert await db.fetchval("SELECT count(*) FROM dead_letter") == 0

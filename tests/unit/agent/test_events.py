@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 from agent.events import (
     COLUMN_LINEAGE_SCHEMA_URL,
+    EARLIEST_EVENT_TIME,
+    LATEST_EVENT_TIME,
     PRODUCER,
     RUN_EVENT_SCHEMA_URL,
     AccessEvent,
@@ -30,6 +32,7 @@ from agent.events import (
     SidecarRunFacet,
     access_event_id,
     encode,
+    event_time_problem,
     name_uuid,
     time_from_ns,
 )
@@ -158,9 +161,14 @@ def test_access_event_encodes_with_its_own_field_names() -> None:
     assert msgspec.json.decode(encode(event), type=AccessEvent) == event
 
 
-def test_times_outside_what_rfc3339_can_express_are_clamped() -> None:
-    assert time_from_ns(-5) == datetime(1970, 1, 1, tzinfo=UTC)
-    assert time_from_ns(2**80).year == 9999
+def test_times_from_a_broken_clock_are_clamped_into_the_event_time_range() -> None:
+    assert time_from_ns(-5) == EARLIEST_EVENT_TIME == datetime(1970, 1, 1, tzinfo=UTC)
+    assert time_from_ns(2**80) == LATEST_EVENT_TIME
+    assert event_time_problem(time_from_ns(2**80), "time") is None
+    # The calendar's last day is what the database driver sends as infinity.
+    problem = event_time_problem(datetime(9999, 12, 31, tzinfo=UTC), "eventTime")
+    assert problem is not None
+    assert problem.startswith("eventTime 9999-12-31")
 
 
 @given(st.uuids(), st.text())
