@@ -93,6 +93,7 @@ __all__ = [
     "Authorizer",
     "Caller",
     "ServerSettings",
+    "access_cursor",
     "caller_from_headers",
     "dataset_id",
     "dataset_resource",
@@ -277,6 +278,25 @@ def _time(value: str | None, name: str) -> datetime | None:
     except (msgspec.ValidationError, OverflowError):
         raise ApiError(
             400, f"invalid_{name}", f"{name} must be an RFC 3339 time with a zone"
+        ) from None
+
+
+def access_cursor(time: datetime, event_id: uuid.UUID) -> str:
+    """The `next` token of an access page: the position of its last event, (time, id)."""
+    encoded = base64.urlsafe_b64encode(msgspec.json.encode((time, event_id)))
+    return encoded.rstrip(b"=").decode("ascii")
+
+
+def _after(value: str | None) -> tuple[datetime, uuid.UUID] | None:
+    if value is None:
+        return None
+    try:
+        raw = base64.b64decode(value + "=" * (-len(value) % 4), b"-_", validate=True)
+        time, event_id = msgspec.json.decode(raw, type=tuple[UtcTime, uuid.UUID])
+        return time.astimezone(UTC), event_id
+    except (binascii.Error, ValueError, OverflowError, msgspec.DecodeError):
+        raise ApiError(
+            400, "invalid_after", "after must be the next token of a previous page"
         ) from None
 
 
@@ -699,12 +719,13 @@ class _LineageApi:
         since = _time(query.get("since"), "since") or _EPOCH
         until = _time(query.get("until"), "until")
         limit = _small_int(query.get("limit"), "limit", DEFAULT_ACCESS_LIMIT, 1, MAX_ACCESS_LIMIT)
+        after = _after(query.get("after"))
         not_found = ApiError(404, "not_found", "no such dataset, or not one you may read")
         if not self._may_read(caller, ref):
             raise not_found
         if await self._queries.dataset_id(ref) is None:
             raise not_found
-        records = await self._queries.dataset_access(ref, since, limit, until)
+        records = await self._queries.dataset_access(ref, since, limit, until, after)
         return _json_response(
             AccessPage(
                 dataset=DatasetNode(
@@ -714,7 +735,11 @@ class _LineageApi:
                     depth=0,
                 ),
                 events=records,
-                next_since=records[-1].time if len(records) == limit else None,
+                next=(
+                    access_cursor(records[-1].time, records[-1].event_id)
+                    if len(records) == limit
+                    else None
+                ),
             )
         )
 

@@ -214,12 +214,14 @@ class AccessEventView(msgspec.Struct, frozen=True, tag_field="kind", tag="access
 
 
 class AccessPage(msgspec.Struct, frozen=True):
-    """Access events oldest first. `next_since` (the last event's time) continues the
-    listing when the page is full; events at exactly that time may repeat."""
+    """Access events oldest first (by time, then event id). When the page is full, `next`
+    is an opaque token: pass it as `after` (with the same other parameters) for the events
+    right after this page's last one; each event is listed exactly once. Null on the last
+    page."""
 
     dataset: DatasetNode
     events: list[AccessRecord]
-    next_since: datetime | None
+    next: str | None
 
 
 class ErrorBody(msgspec.Struct, frozen=True):
@@ -386,6 +388,11 @@ def openapi_document() -> dict[str, Any]:
                             "since",
                             {"type": "string", "format": "date-time"},
                             "RFC 3339 time with zone (default: the oldest retained).",
+                        ),
+                        _query(
+                            "after",
+                            {"type": "string"},
+                            "The `next` token of the previous page: continue after its last event.",
                         ),
                         _query(
                             "until",

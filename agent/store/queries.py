@@ -271,13 +271,20 @@ class LineageQueries:
         since: datetime,
         limit: int = 100,
         until: datetime | None = None,
+        after: tuple[datetime, uuid.UUID] | None = None,
     ) -> list[AccessRecord]:
         """Access events for one dataset at or after `since` (and before `until`), oldest
-        first; page on by passing the last row's time as the next `since`."""
+        first, ordered by (time, event_id); page on by passing the last row's
+        `(time, event_id)` as `after`, which continues right after it even when many
+        events share that time."""
         if not 1 <= limit <= MAX_ACCESS_ROWS:
             raise ValueError(f"limit must be between 1 and {MAX_ACCESS_ROWS}, not {limit}")
-        if since.tzinfo is None or (until is not None and until.tzinfo is None):
-            raise ValueError("since and until must carry a time zone")
+        if (
+            since.tzinfo is None
+            or (until is not None and until.tzinfo is None)
+            or (after is not None and after[0].tzinfo is None)
+        ):
+            raise ValueError("since, until and after must carry a time zone")
         rows = await self._pool.fetch(
             """
             SELECT a.event_id, a.time, a.principal, a.roles, a.action, a.decision, a.rule,
@@ -285,6 +292,7 @@ class LineageQueries:
             FROM access_events a
             WHERE a.dataset_id = (SELECT id FROM datasets WHERE key = $1)
               AND a.time >= $2 AND ($3::timestamptz IS NULL OR a.time < $3)
+              AND ($5::timestamptz IS NULL OR (a.time, a.event_id) > ($5, $6::uuid))
             ORDER BY a.time, a.event_id
             LIMIT $4
             """,
@@ -292,6 +300,8 @@ class LineageQueries:
             since,
             until,
             limit,
+            None if after is None else after[0],
+            None if after is None else after[1],
         )
         return [
             AccessRecord(

@@ -265,7 +265,7 @@ async def test_access_events_for_a_dataset(api: Api) -> None:
     page = json.loads(body)
     assert [e["principal"] for e in page["events"]] == [f"user-{i}" for i in range(5)]
     assert page["dataset"]["name"] == "sales.orders"
-    assert page["next_since"] is None
+    assert page["next"] is None
 
     since = events[3].time.isoformat()
     status, body = await get(
@@ -273,7 +273,7 @@ async def test_access_events_for_a_dataset(api: Api) -> None:
     )
     page = json.loads(body)
     assert [e["request_id"] for e in page["events"]] == ["req-3"]
-    assert page["next_since"] is not None
+    assert page["next"] is not None
     status, body = await get(
         api, "/datasets/sales.orders/access", namespace=NS, until=since.replace("+00:00", "Z")
     )
@@ -290,6 +290,41 @@ async def test_access_events_for_a_dataset(api: Api) -> None:
     assert (await get(api, "/datasets/never.seen/access", namespace=NS))[0] == 404
 
 
+async def test_access_pages_list_events_at_one_instant_exactly_once(api: Api) -> None:
+    moment = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
+    events = [
+        AccessEvent(
+            event_id=uuid.uuid4(),
+            time=moment,
+            principal="user",
+            roles=(),
+            dataset_namespace=NS,
+            dataset_name="sales.orders",
+            action="read",
+            decision="allow",
+            rule=None,
+            request_id=f"req-{i}",
+            status=200,
+        )
+        for i in range(5)
+    ]
+    await api.writer.write(events)
+    grant_all(api, READER, "sales.orders")
+    pages: list[list[str]] = []
+    params = {"namespace": NS, "limit": "2", "since": moment.isoformat()}
+    while True:
+        status, body = await get(api, "/datasets/sales.orders/access", **params)
+        assert status == 200
+        page = json.loads(body)
+        pages.append([e["request_id"] for e in page["events"]])
+        if page["next"] is None:
+            break
+        assert len(pages) < 4, pages
+        params["after"] = page["next"]
+    assert [len(p) for p in pages] == [2, 2, 1]
+    assert sorted(r for p in pages for r in p) == sorted(e.request_id for e in events)
+
+
 @pytest.mark.parametrize(
     ("params", "error"),
     [
@@ -299,6 +334,8 @@ async def test_access_events_for_a_dataset(api: Api) -> None:
         ({"limit": "0"}, "invalid_limit"),
         ({"limit": "1001"}, "invalid_limit"),
         ({"limit": "ten"}, "invalid_limit"),
+        ({"after": "not a token"}, "invalid_after"),
+        ({"after": "WyJub3ciLCIxIl0"}, "invalid_after"),
     ],
 )
 async def test_bad_access_parameters_are_400(api: Api, params: dict[str, str], error: str) -> None:

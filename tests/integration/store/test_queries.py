@@ -6,6 +6,7 @@ import uuid
 from datetime import timedelta
 
 import asyncpg
+import msgspec
 import pytest
 
 from agent.derive.routes import DatasetRef
@@ -196,6 +197,22 @@ async def test_dataset_access_pages_by_time(
     )
     assert len(bounded) == 2
     assert await queries.dataset_access(ref("unknown"), since=T0) == []
+
+
+async def test_dataset_access_pages_after_a_position_within_one_instant(
+    writer: StoreWriter, queries: LineageQueries
+) -> None:
+    events = [msgspec.structs.replace(access_event(i), time=T0) for i in range(5)]
+    await writer.write(events)
+    listed: list[uuid.UUID] = []
+    after = None
+    for _ in range(3):
+        page = await queries.dataset_access(ref("sales.orders"), since=T0, limit=2, after=after)
+        listed.extend(a.event_id for a in page)
+        after = (page[-1].time, page[-1].event_id)
+    assert sorted(listed) == sorted(e.event_id for e in events)
+    assert len(listed) == 5
+    assert await queries.dataset_access(ref("sales.orders"), since=T0, after=after) == []
 
 
 @pytest.mark.parametrize("limit", [0, 10_001])
