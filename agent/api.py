@@ -600,8 +600,19 @@ class _LineageApi:
     async def _body(self, request: web.Request) -> bytes:
         if request.content_type != _JSON or request.charset not in (None, "utf-8", "UTF-8"):
             raise ApiError(415, "unsupported_media_type", "send application/json (UTF-8)")
-        if request.headers.get("Content-Encoding", "identity").lower() != "identity":
-            raise ApiError(415, "unsupported_media_type", "compressed bodies are not accepted")
+        # Every Content-Encoding header and list item counts: aiohttp decodes the body by
+        # one of them, so checking only the first would let a second one decide.
+        codings = [
+            coding.strip().lower()
+            for header in request.headers.getall("Content-Encoding", [])
+            for coding in header.split(",")
+        ]
+        if codings and codings != ["identity"]:
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                "compressed bodies are not accepted: send one Content-Encoding: identity, or none",
+            )
         too_large = ApiError(
             413, "body_too_large", f"the body is over {self._max_body_bytes} bytes"
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import itertools
 import json
 import uuid
@@ -464,6 +465,43 @@ async def test_track_refuses_oversized_and_non_json_bodies(api: Api) -> None:
         )
         assert response.status == 415
         assert (await response.json())["error"] == "unsupported_media_type"
+
+
+async def _raw_track(api: Api, encodings: Sequence[str], body: bytes) -> bytes:
+    """POST /lineage/track over a raw socket, with one Content-Encoding header per item."""
+    assert api.client.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", api.client.port)
+    head = b"".join(b"Content-Encoding: %s\r\n" % e.encode() for e in encodings)
+    writer.write(
+        b"POST /lineage/track HTTP/1.1\r\nHost: x\r\nX-Auth-Request-User: "
+        + WRITER.encode()
+        + b"\r\nContent-Type: application/json\r\n"
+        + head
+        + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+        + body
+    )
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    return answer
+
+
+@pytest.mark.parametrize("gzipped", [False, True], ids=["plain-body", "gzip-body"])
+@pytest.mark.parametrize(
+    "encodings", [["identity", "gzip"], ["identity, gzip"], ["gzip", "identity"]]
+)
+async def test_every_content_encoding_header_counts(
+    api: Api, encodings: list[str], gzipped: bool
+) -> None:
+    grant_all(api, WRITER, "src", "out")
+    body = json.dumps(_valid()).encode()
+    answer = await _raw_track(api, encodings, gzip.compress(body) if gzipped else body)
+    assert answer.startswith(b"HTTP/1.1 415"), answer
+    assert b'"error":"unsupported_media_type"' in answer
+    assert await api.connection.fetchval("SELECT count(*) FROM events_raw") == 0
+    # One identity header is what a plain body may carry.
+    assert (await _raw_track(api, ["identity"], body)).startswith(b"HTTP/1.1 202")
 
 
 async def test_unknown_facets_are_accepted_and_not_stored(api: Api) -> None:
