@@ -115,22 +115,32 @@ DEFAULT_DEPTH = 3
 DEFAULT_ACCESS_LIMIT = 100
 MAX_PRINCIPAL_CHARS = 1024
 MAX_ROLES = 256
-# Covers a dataset id (base64 of the JSON pair of names) of any ASCII names within limits.
-MAX_NODE_CHARS = 16_384
+# The longest dataset id of any names track accepts: base64 (unpadded) of the JSON pair of
+# names, where msgspec writes at most 6 bytes a character (a control character as \u00XX).
+_MAX_JSON_BYTES_PER_CHAR = 6
+_MAX_PAIR_JSON_BYTES = 2 * _MAX_JSON_BYTES_PER_CHAR * MAX_NAME_CHARS + len('["",""]')
+MAX_NODE_CHARS = len(DATASET_ID_PREFIX) + -(-4 * _MAX_PAIR_JSON_BYTES // 3)
+# The longest request line a caller needs: a namespace and a name given as plain text,
+# percent-encoded (up to 4 UTF-8 bytes a character, 3 characters a byte), or a dataset id,
+# plus room for the method, the path and the other parameters.
+_MAX_PERCENT_ENCODED_CHARS = 12
+MAX_REQUEST_LINE_BYTES = (
+    max(MAX_NODE_CHARS, 2 * _MAX_PERCENT_ENCODED_CHARS * MAX_NAME_CHARS + len("%3A")) + 4096
+)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _SMALL_INT = re.compile(r"[0-9]{1,6}")
 _JSON = "application/json"
 
 
 # Pass to `web.AppRunner(app, **SERVER_SETTINGS)`: aiohttp refuses request lines over 8190
-# bytes before the application sees them, with a plain-text 400; these limits let a long
-# (but bounded) dataset name reach the handlers, which answer in JSON.
+# bytes before the application sees them, with a plain-text 400; these limits let any
+# dataset name or id within the track limits reach the handlers, which answer in JSON.
 class ServerSettings(TypedDict):
     max_line_size: int
     max_field_size: int
 
 
-SERVER_SETTINGS = ServerSettings(max_line_size=32_768, max_field_size=16_384)
+SERVER_SETTINGS = ServerSettings(max_line_size=MAX_REQUEST_LINE_BYTES, max_field_size=16_384)
 
 
 class Caller(msgspec.Struct, frozen=True):

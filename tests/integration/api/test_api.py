@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
 import asyncpg
 import pytest
@@ -18,6 +19,7 @@ from yarl import URL
 
 from agent.api import AuthorizationUnavailable, Caller, lineage_api
 from agent.events import AccessEvent
+from agent.openapi import MAX_NAME_CHARS
 from agent.store.queries import LineageQueries
 from agent.store.writer import StoreWriter
 from tests.integration.api.conftest import Api
@@ -232,6 +234,61 @@ async def test_depth_bounds_are_honoured(api: Api) -> None:
     assert not ten["truncated"]
     nothing_up = await graph(api, node=f"{NS}:n0", direction="up", depth="10")
     assert shape(nothing_up) == ({"n0": 0}, set())
+
+
+@pytest.mark.parametrize(
+    ("namespace", "name"),
+    [
+        ("\x01" * MAX_NAME_CHARS, "\x01" * MAX_NAME_CHARS),  # 6 JSON bytes a character
+        ("\U0001f600" * MAX_NAME_CHARS, "\u4e00" * MAX_NAME_CHARS),  # 4 and 3 UTF-8 bytes
+        ('"' * MAX_NAME_CHARS, "\\" * MAX_NAME_CHARS),
+    ],
+    ids=["control", "emoji-cjk", "quotes"],
+)
+async def test_any_dataset_track_accepts_can_be_asked_about_by_id_and_by_name(
+    api: Api, namespace: str, name: str
+) -> None:
+    grant_all(api, WRITER, "src", name)
+    grant_all(api, READER, "src", name)
+    await track(api, run_event("long", ["src"], [dataset(name, namespace)]))
+    await _access_at(api, namespace, name)
+    down = await graph(api, node=f"{NS}:src", direction="down", depth="1")
+    long_id = next(n["id"] for n in down["nodes"] if n["name"] == name)
+    for path, params in (
+        ("/lineage/graph", {"node": long_id}),
+        ("/lineage/graph", {"node": name, "namespace": namespace}),
+        ("/lineage/graph", {"node": f"{namespace}:{name}"}),
+        (f"/datasets/{long_id}/access", {}),
+        (f"/datasets/{quote(name, safe='')}/access", {"namespace": namespace}),
+    ):
+        url = URL(path, encoded=True).with_query(params)
+        response = await api.client.get(url, headers=api.as_user(READER))
+        assert response.status == 200, (path, response.status, await response.text())
+        body = await response.json()
+        if path.startswith("/datasets/"):
+            assert [e["request_id"] for e in body["events"]] == ["long-req"]
+        else:
+            assert body["root"] == long_id
+
+
+async def _access_at(api: Api, namespace: str, name: str) -> None:
+    await api.writer.write(
+        [
+            AccessEvent(
+                event_id=uuid.uuid4(),
+                time=datetime(2026, 11, 20, 9, 0, tzinfo=UTC),
+                principal="user",
+                roles=(),
+                dataset_namespace=namespace,
+                dataset_name=name,
+                action="read",
+                decision="allow",
+                rule=None,
+                request_id="long-req",
+                status=200,
+            )
+        ]
+    )
 
 
 async def _access(api: Api, name: str, count: int) -> list[AccessEvent]:
