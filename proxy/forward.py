@@ -31,6 +31,7 @@ from multidict import CIMultiDict
 
 from lineage_sidecar.config import ProxyConfig, parse_upstream
 from proxy.accesslog import AccessLog
+from proxy.authn.sessions import without_cookie
 from proxy.gate import Admission, Gate, Refusal
 from proxy.internal import InternalBackend, longest_prefix_first
 from proxy.metrics import ProxyMetrics
@@ -130,14 +131,6 @@ def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[byte
     return frozenset(tokens)
 
 
-def _without_cookie(value: bytes, prefix: bytes) -> bytes:
-    """The Cookie header without the proxy's own session cookie (`prefix` is `name=`)."""
-    kept = [
-        c for c in (part.strip() for part in value.split(b";")) if c and not c.startswith(prefix)
-    ]
-    return b"; ".join(kept)
-
-
 def _quote_forwarded(node: str) -> str:
     """RFC 7239 node: IPv6 addresses are bracketed and quoted."""
     return f'"[{node}]"' if ":" in node else node
@@ -186,7 +179,7 @@ class Forwarder:
         # The same plus the verified bearer credential, for requests that carried one.
         self._strip_authorization = self._strip | {b"authorization"}
         cookie = gate.session_cookie if gate is not None else None
-        self._session_cookie = cookie.encode("ascii") + b"=" if cookie else None
+        self._session_cookie = cookie.encode("ascii") if cookie else None
         self._excerpt_limit = body_excerpt_bytes if tap is not None else 0
         # Most specific prefix first (the admin API under the identity provider's path).
         self._internal = longest_prefix_first(internal)
@@ -291,7 +284,7 @@ class Forwarder:
                         prior_host = value
                 continue
             if lname == b"cookie" and self._session_cookie is not None:
-                value = _without_cookie(value, self._session_cookie)
+                value = without_cookie(value, self._session_cookie)
                 if not value:
                     continue
             lines += (name, b": ", value, b"\r\n")

@@ -44,6 +44,11 @@ _MAC_CONTEXT = b"lineage-session-v1\x00"
 _COOKIE_VALUE = re.compile(r"([A-Za-z0-9_-]{43})\.([A-Za-z0-9_-]{43})")
 # RFC 6265 cookie-name: an HTTP token.
 _COOKIE_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# Trimmed around a cookie's name and value: ASCII whitespace, exactly what `bytes.strip()`
+# removes (RFC 6265 trims only spaces and tabs). `cookie_from_header()` and
+# `without_cookie()` read names by this one rule, so no spelling of the session cookie is
+# taken for it by the authenticator and yet passed on to the upstream.
+COOKIE_SPACE = " \t\n\r\x0b\x0c"
 MAX_COOKIE_HEADER_CHARS = 16 * 1024
 
 
@@ -300,11 +305,25 @@ def cookie_from_header(cookie_header: str | None, name: str) -> str | None:
     found: str | None = None
     for pair in cookie_header.split(";"):
         key, sep, value = pair.partition("=")
-        if sep and key.strip() == name:
+        if sep and key.strip(COOKIE_SPACE) == name:
             if found is not None:
                 return None
-            found = value.strip()
+            found = value.strip(COOKIE_SPACE)
     return found
+
+
+def without_cookie(cookie_header: bytes, name: bytes) -> bytes:
+    """A raw `Cookie` header without any cookie named `name`, parsed as
+    `cookie_from_header()` parses it (aiohttp decodes header bytes as UTF-8 with surrogate
+    escapes, so `;`, `=` and ASCII whitespace are the same characters in both, and
+    `bytes.strip()` removes exactly `COOKIE_SPACE`). Empty when nothing else is left."""
+    if name not in cookie_header:
+        return cookie_header  # the common case: nothing to drop, nothing to copy
+    kept = []
+    for pair in cookie_header.split(b";"):
+        if pair.partition(b"=")[0].strip() != name and (pair := pair.strip()):
+            kept.append(pair)
+    return b"; ".join(kept)
 
 
 def session_key(session_id: str) -> str:

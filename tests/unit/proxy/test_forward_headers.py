@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from hypothesis import given, settings
@@ -11,9 +12,11 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 
-from lineage_sidecar.config import Config, from_mapping
+from lineage_sidecar.config import Config, IdentityHeadersConfig, from_mapping
 from proxy import forward
+from proxy.authn.chain import AuthChain
 from proxy.forward import HOP_BY_HOP, PROXY_SET, ClientError, Forwarder
+from proxy.gate import Gate
 from proxy.metrics import ProxyMetrics
 
 CONFIG = from_mapping({"proxy": {"upstream": "http://127.0.0.1:9000"}})
@@ -122,6 +125,33 @@ def test_host_header_is_valid_or_refused(host: str) -> None:
     for forbidden in "@/ \\":
         assert forbidden not in host
     assert f"\r\nHost: {host}\r\n".encode() in head
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "__Host-lineage_session=v",
+        "__Host-lineage_session =v",
+        "__Host-lineage_session\t= v",
+        "  __Host-lineage_session  =v",
+    ],
+)
+def test_the_session_cookie_never_reaches_the_upstream(spelling: str) -> None:
+    gate = Gate(
+        auth=AuthChain([]),
+        policy=None,
+        audit=None,
+        identity=IdentityHeadersConfig(),
+        session_cookie="__Host-lineage_session",
+    )
+    proxy = Forwarder(
+        CONFIG.proxy, ProxyMetrics(CollectorRegistry()), None, scheme="https", gate=gate
+    )
+    req = request([("Host", "a"), ("Cookie", f"theme=dark;{spelling}; lang=en")])
+    sent = upstream_headers(proxy._request_head(req, "r", b""))
+    assert [v for n, v in sent if n == "Cookie"] == ["theme=dark; lang=en"]
+    alone = request([("Host", "a"), ("Cookie", spelling)])
+    assert "Cookie" not in dict(upstream_headers(proxy._request_head(alone, "r", b"")))
 
 
 def test_trusted_peer_extends_forwarding_chain() -> None:
