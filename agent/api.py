@@ -51,6 +51,7 @@ from multidict import CIMultiDictProxy
 
 from agent.derive.routes import DatasetRef
 from agent.events import (
+    MAX_EDGES_PER_EVENT,
     AccessEvent,
     ColumnLineageFacet,
     ColumnLineageField,
@@ -65,6 +66,7 @@ from agent.events import (
 )
 from agent.openapi import (
     MAX_ACCESS_LIMIT,
+    MAX_EDGES_PER_TRACK,
     MAX_NAME_CHARS,
     AccessEventView,
     AccessPage,
@@ -330,6 +332,28 @@ def _column_facets(dataset: TrackedDataset) -> DatasetFacets:
             }
         )
     )
+
+
+def _check_edges(tracked: Sequence[TrackedEvent]) -> None:
+    """Refuse events whose inputs x outputs (the edge rows they imply) pass the limits."""
+    total = 0
+    for index, event in enumerate(tracked):
+        edges = len(event.inputs) * len(event.outputs)
+        if edges > MAX_EDGES_PER_EVENT:
+            raise ApiError(
+                422,
+                "invalid_event",
+                f"event {index}: {len(event.inputs)} inputs x {len(event.outputs)} outputs "
+                f"make {edges} lineage edges, over the limit of {MAX_EDGES_PER_EVENT} per event",
+            )
+        total += edges
+    if total > MAX_EDGES_PER_TRACK:
+        raise ApiError(
+            422,
+            "invalid_event",
+            f"the events make {total} lineage edges (inputs x outputs), over the limit of "
+            f"{MAX_EDGES_PER_TRACK} per request",
+        )
 
 
 def to_run_event(tracked: TrackedEvent) -> RunEvent:
@@ -650,6 +674,7 @@ class _LineageApi:
         except (msgspec.DecodeError, RecursionError) as exc:
             raise ApiError(400, "malformed_json", f"the body is not JSON: {exc}") from None
         tracked = [decoded] if isinstance(decoded, TrackedEvent) else decoded
+        _check_edges(tracked)
         events = [to_run_event(t) for t in tracked]
         # What PostgreSQL cannot hold (NUL, lone surrogates) is refused here, before any
         # of it reaches the authorizer, rather than set aside into the dead letter table.

@@ -209,6 +209,12 @@ def access_event_id(
     return name_uuid(EVENT_ID_NAMESPACE, key)
 
 
+# Lineage edges one run event may imply: every input feeds every output, so N inputs and
+# M outputs are N x M edge rows. The lineage API refuses an event over this; derivation
+# cuts a run's dataset lists to stay within it (and marks the run `truncated`).
+MAX_EDGES_PER_EVENT = 10_000
+
+
 # The times an event may carry, the same for the whole pipeline: derivation clamps to this
 # range, the lineage API refuses times outside it, and the store's writer sets an event
 # outside it aside. PostgreSQL and asyncpg read the calendar's ends (date 9999-12-31,

@@ -17,13 +17,14 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from agent.events import AccessEvent, EventType, RunEvent
+from agent.events import MAX_EDGES_PER_EVENT, AccessEvent, EventType, RunEvent
 from agent.store.queries import MAX_DEPTH, AccessRecord
 
 __all__ = [
     "API_VERSION",
     "MAX_ACCESS_LIMIT",
     "MAX_DATASETS_PER_EVENT",
+    "MAX_EDGES_PER_TRACK",
     "MAX_EVENTS_PER_TRACK",
     "MAX_NAME_CHARS",
     "AccessEventView",
@@ -45,6 +46,8 @@ MAX_NAME_CHARS = 4096
 MAX_EVENTS_PER_TRACK = 1000
 MAX_DATASETS_PER_EVENT = 1000
 MAX_ACCESS_LIMIT = 1000
+# Lineage edges (inputs x outputs) per POST /lineage/track; per event, MAX_EDGES_PER_EVENT.
+MAX_EDGES_PER_TRACK = 50_000
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS)]
 ColumnName = Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
@@ -117,7 +120,8 @@ class TrackedEvent(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     Unknown fields are refused everywhere except inside `facets`; `eventTime` must carry a
     time zone and lie from 1970-01-01T00:00:00Z to 9000-01-01T00:00:00Z (422 otherwise);
-    `runId` must be a UUID.
+    `runId` must be a UUID. Each input feeds each output: inputs x outputs is at most
+    10,000 per event and 50,000 over one request (422 otherwise).
     """
 
     event_type: EventType = msgspec.field(name="eventType")
@@ -323,7 +327,9 @@ def openapi_document() -> dict[str, Any]:
                     "description": (
                         "Needs `write` on every output dataset and `read` on every input "
                         "dataset and column-lineage source. Idempotent: the event id is a "
-                        "function of the event's content."
+                        "function of the event's content. Every input feeds every output: "
+                        f"inputs x outputs is at most {MAX_EDGES_PER_EVENT:,} lineage edges "
+                        f"per event and {MAX_EDGES_PER_TRACK:,} per request (422 otherwise)."
                     ),
                     "requestBody": {
                         "required": True,

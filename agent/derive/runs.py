@@ -32,6 +32,7 @@ import msgspec
 from agent.capture import CaptureRecord
 from agent.derive.routes import ColumnLink, DatasetRef, RequestLineage
 from agent.events import (
+    MAX_EDGES_PER_EVENT,
     RUN_ID_NAMESPACE,
     ColumnLineageFacet,
     ColumnLineageField,
@@ -73,7 +74,8 @@ class RunConfig(msgspec.Struct, frozen=True, kw_only=True):
     # Open runs kept in memory; beyond this the least recently active is completed.
     max_open_runs: int = 10_000
     # Datasets (inputs plus outputs) and column edges kept per run; beyond this the run's
-    # lists are cut and its facet says `truncated`.
+    # lists are cut and its facet says `truncated`. The lists are also cut where inputs x
+    # outputs would pass `agent.events.MAX_EDGES_PER_EVENT`: the event is still emitted.
     max_datasets_per_run: int = 1_000
     max_column_links_per_run: int = 10_000
 
@@ -271,7 +273,9 @@ class RunCorrelator:
             for dataset in datasets:
                 if dataset in target:
                     continue
-                if len(run.inputs) + len(run.outputs) >= limit:
+                inputs, outputs = len(run.inputs), len(run.outputs)
+                edges = (inputs + 1) * outputs if target is run.inputs else inputs * (outputs + 1)
+                if inputs + outputs >= limit or edges > MAX_EDGES_PER_EVENT:
                     run.truncated = True
                     break
                 target[dataset] = None

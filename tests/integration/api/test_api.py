@@ -524,6 +524,31 @@ async def test_track_refuses_oversized_and_non_json_bodies(api: Api) -> None:
         assert (await response.json())["error"] == "unsupported_media_type"
 
 
+async def test_events_implying_too_many_lineage_edges_are_refused(api: Api) -> None:
+    inputs = [f"in{i}" for i in range(101)]
+    outputs = [f"out{i}" for i in range(100)]
+    grant_all(api, WRITER, *inputs, *outputs)
+    response = await api.client.post(
+        "/lineage/track",
+        json=run_event("wide", inputs, outputs),
+        headers=api.as_user(WRITER),
+    )
+    assert response.status == 422
+    body = await response.json()
+    assert body["error"] == "invalid_event"
+    assert "101 inputs x 100 outputs" in body["message"]
+    assert "limit of 10000 per event" in body["message"]
+    # Six events within the per-event limit pass the per-request one.
+    events = [run_event(f"wide-{k}", inputs[:100], outputs) for k in range(6)]
+    response = await api.client.post("/lineage/track", json=events, headers=api.as_user(WRITER))
+    assert response.status == 422
+    assert "limit of 50000 per request" in (await response.json())["message"]
+    assert await api.connection.fetchval("SELECT count(*) FROM lineage_edges") == 0
+    # At the limit, every edge is stored.
+    await track(api, run_event("square", inputs[:100], outputs))
+    assert await api.connection.fetchval("SELECT count(*) FROM lineage_edges") == 10_000
+
+
 async def _raw_track(api: Api, encodings: Sequence[str], body: bytes) -> bytes:
     """POST /lineage/track over a raw socket, with one Content-Encoding header per item."""
     assert api.client.port is not None

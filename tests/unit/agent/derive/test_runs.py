@@ -7,7 +7,7 @@ from typing import Any
 from agent.capture import CaptureRecord
 from agent.derive.routes import request_lineage
 from agent.derive.runs import RunConfig, RunCorrelator, run_id_for, trace_id
-from agent.events import RunEvent
+from agent.events import MAX_EDGES_PER_EVENT, RunEvent
 from tests.unit.agent.factories import SECOND, SERVICE, T0, make_record, traceparent
 
 IDLE = 30 * SECOND
@@ -205,6 +205,19 @@ def test_datasets_beyond_the_per_run_limit_are_cut_and_flagged() -> None:
     feed(runs, *(read(f"r{i}", f"t{i}", traceparent=traceparent(1)) for i in range(5)))
     (ended,) = runs.flush()
     assert len(ended.inputs) == 2
+    assert sidecar(ended).truncated
+
+
+def test_a_run_is_cut_before_its_edges_pass_the_per_event_limit_and_still_emitted() -> None:
+    runs = RunCorrelator(RunConfig(max_datasets_per_run=1_000))
+    reads = [read(f"r{i}", f"in{i}", traceparent=traceparent(1)) for i in range(150)]
+    writes = [write(f"w{i}", f"out{i}", traceparent=traceparent(1)) for i in range(150)]
+    feed(runs, *reads, *writes)
+    (ended,) = runs.flush()
+    assert ended.event_type == "COMPLETE"
+    assert len(ended.inputs) == 150
+    assert len(ended.outputs) == MAX_EDGES_PER_EVENT // 150
+    assert len(ended.inputs) * len(ended.outputs) <= MAX_EDGES_PER_EVENT
     assert sidecar(ended).truncated
 
 
