@@ -16,7 +16,8 @@
   session ends) and the browser sent to the return path. Every failure is a 400/401/503
   page and never a session;
 - `GET|POST /sign_out?rd=/path` ends the browser's session; `POST` with
-  `everywhere=true` ends every session of the principal.
+  `everywhere=true` ends every session of the principal. A POST body must be an
+  urlencoded form (415 otherwise, 400 when it cannot be read as one).
 authlib's protocol layer builds the authorization URL, the PKCE challenge, the token
 request and the client authentication; the IO is aiohttp, with the same rules as the key
 fetches in jwks.py (no redirects, size caps, timeouts).
@@ -33,6 +34,7 @@ import secrets
 import time
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qs
 
 import aiohttp
 import msgspec
@@ -53,6 +55,8 @@ MAX_DOCUMENT_BYTES = 256 * 1024
 # Retries of a failed discovery are spaced by this much, so a down provider is not hammered.
 DISCOVERY_RETRY_S = 5.0
 _PENDING_PREFIX = "oidc:"
+FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
+MAX_FORM_FIELDS = 16
 
 
 def _doc(text: str) -> msgspec.Meta:
@@ -369,7 +373,11 @@ class OidcLogin:
         if not state or not code:
             raise SignInError(400, "The sign-in response is incomplete.")
         bound_state = cookie_from_header(cookie_header, self.config.state_cookie_name)
-        if bound_state is None or not hmac.compare_digest(bound_state.encode(), state.encode()):
+        # Cookie bytes that are not UTF-8 arrive as surrogate escapes: such a cookie must
+        # fail to match, not fail to encode.
+        if bound_state is None or not hmac.compare_digest(
+            bound_state.encode("utf-8", "surrogatepass"), state.encode("utf-8", "surrogatepass")
+        ):
             raise SignInError(400, "This sign-in was not started in this browser.")
         raw = await self.sessions.store.claim(_pending_key(state))
         if raw is None:
@@ -388,13 +396,9 @@ class OidcLogin:
         return response
 
     async def handle_sign_out(self, request: web.Request) -> web.StreamResponse:
-        form = await request.post() if request.method == "POST" else None
-
-        def field(name: str) -> str | None:
-            value = form.get(name) if form is not None else request.query.get(name)
-            return value if isinstance(value, str) else None
-
-        return_to = field("rd") or self.config.default_return_path
+        form = await _read_form(request) if request.method == "POST" else None
+        fields: Mapping[str, str] = form if form is not None else request.query
+        return_to = fields.get("rd") or self.config.default_return_path
         target = safe_redirect_target(return_to, self.config.allowed_redirect_hosts)
         if target is None:
             raise SignInError(400, "The return address is not allowed.")
@@ -403,7 +407,7 @@ class OidcLogin:
             principal = await self.sessions.end(session_id)
             # Only POST: a cross-site GET (a link, an image) must not sign a user out
             # everywhere; SameSite=Lax withholds the cookie from cross-site POSTs.
-            everywhere = form is not None and field("everywhere") == "true"
+            everywhere = form is not None and form.get("everywhere") == "true"
             if principal is not None and everywhere:
                 await self.sessions.end_everywhere(principal)
         response = _redirect(target)
@@ -471,6 +475,27 @@ class OidcLogin:
         return (
             f"{self.config.state_cookie_name}=; Path=/; Max-Age=0; Secure; HttpOnly; SameSite=Lax"
         )
+
+
+async def _read_form(request: web.Request) -> dict[str, str]:
+    """The fields of a POSTed sign-out form (the first value of each name). Browsers send
+    forms urlencoded, the body ASCII and its escapes UTF-8 whatever `charset` says; any
+    other body is refused with an error page. No body is an empty form."""
+    if not request.body_exists:
+        return {}
+    if request.content_type != FORM_CONTENT_TYPE:
+        raise SignInError(415, f"Sign out with a form sent as {FORM_CONTENT_TYPE}.")
+    body = await request.read()
+    try:
+        fields = parse_qs(
+            body.decode("ascii"),
+            keep_blank_values=True,
+            errors="strict",
+            max_num_fields=MAX_FORM_FIELDS,
+        )
+    except ValueError:  # UnicodeDecodeError included: raw bytes or escapes that are not UTF-8
+        raise SignInError(400, "The sign-out form could not be read.") from None
+    return {name: values[0] for name, values in fields.items()}
 
 
 async def _read_capped(response: aiohttp.ClientResponse) -> bytes:

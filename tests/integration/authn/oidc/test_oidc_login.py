@@ -3,6 +3,7 @@ sessions in the real Redis. Every hostile variation must end without a session."
 
 from __future__ import annotations
 
+import asyncio
 import json
 from urllib.parse import parse_qs, urlencode, urlsplit
 
@@ -15,6 +16,7 @@ from proxy.authn.principal import Principal
 from proxy.authn.sessions import InProcessSessionStore, SessionConfig, SessionManager
 from tests.integration.authn.oidc.authserver import CLIENT_ID, bound_socket
 from tests.integration.authn.oidc.conftest import Browser, Sidecar
+from tests.integration.proxy.rawhttp import Reply, exchange
 
 SESSION_COOKIE = "__Host-lineage_session"
 STATE_COOKIE = "__Host-lineage_oidc"
@@ -153,6 +155,38 @@ async def test_callback_in_a_browser_that_did_not_start_the_sign_in_is_refused(
     status, _, _ = await victim.get(callback)
     assert status == 400
     assert SESSION_COOKIE not in victim.cookies
+
+
+async def raw_get(sidecar: Sidecar, target: str, cookie: bytes) -> Reply:
+    """A GET with a Cookie header of exactly these bytes (no client library sends bytes
+    that are not UTF-8); the socket work runs in a thread, the server in this loop."""
+    port = urlsplit(sidecar.base_url).port
+    assert port is not None
+    request = (
+        f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode()
+        + b"Cookie: "
+        + cookie
+        + b"\r\nConnection: close\r\n\r\n"
+    )
+    return await asyncio.to_thread(exchange, port, request)
+
+
+async def test_state_cookie_that_is_not_utf8_is_refused_like_another_state(
+    sidecar: Sidecar,
+) -> None:
+    browser = sidecar.browser()
+    callback = await authorized_callback(sidecar, browser)
+    state = browser.cookies[STATE_COOKIE].encode()
+    parts = urlsplit(callback)
+    reply = await raw_get(
+        sidecar, f"{parts.path}?{parts.query}", STATE_COOKIE.encode() + b"=" + state + b"\xff"
+    )
+    assert (reply.status, reply.body) == (400, b"This sign-in was not started in this browser.\n")
+    assert reply.header_all("Set-Cookie") == []
+    # The refusal did not use up the sign-in: the browser that started it finishes it.
+    status, _, _ = await browser.get(callback)
+    assert status == 302
+    assert SESSION_COOKIE in browser.cookies
 
 
 async def test_state_is_single_use(sidecar: Sidecar) -> None:
@@ -306,6 +340,54 @@ async def test_sign_out_everywhere_needs_post_and_ends_every_session(sidecar: Si
     assert status == 302
     assert (await whoami(sidecar, phone))[0] == 401
     assert (await whoami(sidecar, tablet))[0] == 401
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "status", "message"),
+    [
+        ("application/x-www-form-urlencoded", b"rd=/x\xff", 400, "could not be read"),
+        ("application/x-www-form-urlencoded", b"rd=/x%ff", 400, "could not be read"),
+        (
+            "multipart/form-data; boundary=zz",
+            b"--zz\r\ngarbage",
+            415,
+            "sent as application/x-www-form-urlencoded",
+        ),
+        ("multipart/form-data", b"rd=/x", 415, "sent as application/x-www-form-urlencoded"),
+        ("application/json", b'{"rd": "/x"}', 415, "sent as application/x-www-form-urlencoded"),
+    ],
+)
+async def test_sign_out_with_an_unreadable_body_is_refused_and_keeps_the_session(
+    sidecar: Sidecar, content_type: str, body: bytes, status: int, message: str
+) -> None:
+    browser = sidecar.browser()
+    await sidecar.sign_in(browser)
+    cookie = browser.cookie_header()
+    assert cookie is not None
+    async with sidecar.http.post(
+        f"{sidecar.base_url}/oauth2/sign_out",
+        data=body,
+        headers={"Content-Type": content_type, "Cookie": cookie},
+        allow_redirects=False,
+    ) as response:
+        assert response.status == status
+        assert message in await response.text()
+        assert "Set-Cookie" not in response.headers
+    assert (await whoami(sidecar, browser))[0] == 200
+
+
+async def test_sign_out_form_charset_is_not_consulted(sidecar: Sidecar) -> None:
+    # Browsers encode forms as UTF-8 escapes; a charset the server cannot know changes nothing.
+    browser = sidecar.browser()
+    await sidecar.sign_in(browser)
+    status, location, _ = await browser.request(
+        "POST",
+        f"{sidecar.base_url}/oauth2/sign_out",
+        headers={"Content-Type": "application/x-www-form-urlencoded; charset=nonexistent"},
+        data={"rd": "/bye"},
+    )
+    assert (status, location) == (302, "/bye")
+    assert (await whoami(sidecar, browser))[0] == 401
 
 
 async def test_provider_unreachable_at_start_is_503() -> None:
