@@ -17,14 +17,20 @@ facts of its request, and answers with the RunEvents that became due:
 
 Idleness is measured on the records' own clock while records flow, so replaying a backlog
 groups requests exactly as live traffic would; `tick(now_ns)` applies the wall clock and is
-meant for when the spool is drained.
+meant for when the spool is drained. Proxy and agent share the host's clock, so a record
+stamped more than `MAX_CLOCK_LEAD_NS` after the agent's wall clock was stamped by a clock
+that jumped: it is placed at the correlator's current time instead. Taken as it is, it
+would move the correlator's clock into the future for good, and every later run would end
+after its first request.
 """
 
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -55,6 +61,8 @@ _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-
 _END_VALUES = frozenset({"end", "complete", "completed", "done", "true", "1"})
 _FAIL_VALUES = frozenset({"fail", "failed", "error"})
 MAX_SQL_PROBLEMS_PER_RUN = 100
+# How far ahead of the agent's wall clock a record's time may be and still be taken as it is.
+MAX_CLOCK_LEAD_NS = 5_000_000_000
 
 
 class RunConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -155,8 +163,9 @@ class _CorrelatorState(msgspec.Struct, frozen=True):
 class RunCorrelator:
     """Feed it records in arrival order; it returns the run events that are due."""
 
-    def __init__(self, config: RunConfig) -> None:
+    def __init__(self, config: RunConfig, wall_clock: Callable[[], int] = time.time_ns) -> None:
         self._config = config
+        self._wall_clock = wall_clock
         # Ordered by last activity, least recent first: idle runs and eviction candidates
         # are always at the front.
         self._open: OrderedDict[str, _OpenRun] = OrderedDict()
@@ -210,12 +219,23 @@ class RunCorrelator:
             )
             for run in state.runs
         )
-        self._clock_ns = state.clock_ns
+        # A checkpoint written after a clock jump carries the jump: bring it back too.
+        ceiling = self._ceiling()
+        for run in self._open.values():
+            run.started_ns = min(run.started_ns, ceiling)
+            run.last_activity_ns = min(run.last_activity_ns, ceiling)
+        self._clock_ns = min(state.clock_ns, ceiling)
+
+    def _ceiling(self) -> int:
+        return self._wall_clock() + MAX_CLOCK_LEAD_NS
 
     def feed(self, record: CaptureRecord, lineage: RequestLineage) -> list[RunEvent]:
         events: list[RunEvent] = []
-        end_ns = record.time_ns + record.duration_us * 1_000
-        self._clock_ns = max(self._clock_ns, record.time_ns)
+        at_ns = record.time_ns
+        if at_ns > self._ceiling():
+            at_ns = self._clock_ns or self._wall_clock()
+        end_ns = at_ns + record.duration_us * 1_000
+        self._clock_ns = max(self._clock_ns, at_ns)
         events.extend(self._complete_idle(self._clock_ns))
 
         key, shared = correlation_key(record, self._config)
@@ -223,7 +243,7 @@ class RunCorrelator:
         if run is None:
             if not lineage.has_lineage:
                 return events
-            run = self._start(key, record)
+            run = self._start(key, record, at_ns)
             self._open[key] = run
             self._add(run, record, lineage, end_ns)
             events.append(self._event(run, "START", run.started_ns))
@@ -249,7 +269,7 @@ class RunCorrelator:
         """Complete every open run (shutdown)."""
         return [self._finish(key, "shutdown") for key in list(self._open)]
 
-    def _start(self, key: str, record: CaptureRecord) -> _OpenRun:
+    def _start(self, key: str, record: CaptureRecord, at_ns: int) -> _OpenRun:
         job_name = None
         if self._config.job_header is not None:
             job_name = record.correlation.get(self._config.job_header)
@@ -257,8 +277,8 @@ class RunCorrelator:
             key=key,
             run_id=run_id_for(key),
             job_name=job_name or record.principal or "anonymous",
-            started_ns=record.time_ns,
-            last_activity_ns=record.time_ns,
+            started_ns=at_ns,
+            last_activity_ns=at_ns,
         )
 
     def _add(

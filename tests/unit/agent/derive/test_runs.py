@@ -99,6 +99,34 @@ def test_backlog_replay_measures_idleness_on_the_records_clock() -> None:
     ]
 
 
+def test_a_record_stamped_by_a_clock_that_jumped_ahead_does_not_end_later_runs() -> None:
+    # The host's clock jumped 285 years ahead for one request, then came back.
+    runs = RunCorrelator(RunConfig(idle_timeout_ns=IDLE), wall_clock=lambda: T0 + 10 * SECOND)
+    feed(runs, read("before", "w", T0))
+    events = feed(runs, read("bogus", "x", T0 + 9 * 10**18))
+    assert [e.event_type for e in events] == ["START", "COMPLETE"]  # a run of its own
+    # Placed at the time of the records around it, not in the future.
+    assert events[0].event_time.timestamp() * SECOND == T0
+    trace = [read(f"t{i}", "a", T0 + i * SECOND, traceparent=traceparent(7)) for i in range(3)]
+    assert [e.event_type for e in feed(runs, *trace)] == ["START"]
+    (complete,) = runs.flush()
+    assert sidecar(complete).requests == 3
+
+
+def test_a_checkpoint_taken_after_a_clock_jump_is_brought_back_on_restore() -> None:
+    ahead = T0 + 9 * 10**18
+    jumped = RunCorrelator(RunConfig(idle_timeout_ns=IDLE), wall_clock=lambda: ahead)
+    feed(jumped, read("r1", "a", ahead, traceparent=traceparent(7)))
+    now = T0 + 10 * SECOND
+    runs = RunCorrelator(RunConfig(idle_timeout_ns=IDLE), wall_clock=lambda: now)
+    runs.restore(jumped.snapshot())
+    feed(runs, read("r2", "b", T0 + SECOND, traceparent=traceparent(7)))
+    # The run goes idle like any other, instead of waiting 285 years.
+    (complete,) = runs.tick(now + 5 * SECOND + IDLE)
+    assert sidecar(complete).requests == 2
+    assert complete.event_time.timestamp() * SECOND <= now + 5 * SECOND
+
+
 def test_request_without_correlation_is_a_run_of_its_own() -> None:
     runs = RunCorrelator(RunConfig())
     events = feed(runs, read("r1", "a"), read("r2", "b"))
