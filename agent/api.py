@@ -12,8 +12,9 @@ Promises:
   placeholder whose id is an HMAC under a key drawn for that response alone, so it is
   stable within the response and says nothing across responses. The edges between the
   caller's datasets and a placeholder are kept (they show that something is there); edges
-  inside the group are dropped, so neither the group's size nor its shape shows. A path
-  through a placeholder is therefore possible, not certain.
+  inside the group are dropped, and depths are hops in the graph as shown (a placeholder
+  is one hop), so neither the group's size nor its shape shows. A path through a
+  placeholder is therefore possible, not certain.
 * Asking about a dataset the caller may not read answers exactly as asking about one that
   does not exist (404), and is answered before the store is asked.
 * Tracking events needs `write` on every output dataset and `read` on every input and
@@ -452,13 +453,6 @@ def redact_graph(
             return dataset_id(visible[node].namespace, visible[node].name)
         return hidden_ids[find(node)]
 
-    nodes: list[DatasetNode | HiddenNode] = [
-        DatasetNode(id=public(n.id), namespace=n.namespace, name=n.name, depth=n.depth)
-        for n in visible.values()
-    ]
-    nodes.extend(HiddenNode(id=hidden_ids[r], depth=d) for r, d in hidden_depth.items())
-    nodes.sort(key=lambda n: (n.depth, isinstance(n, HiddenNode), n.id))
-
     edges: dict[tuple[str, str], LineageEdge] = {}
     for edge in graph.edges:
         if edge.source in visible and edge.target in visible:
@@ -474,15 +468,59 @@ def redact_graph(
         elif edge.source in visible or edge.target in visible:
             pair = (public(edge.source), public(edge.target))
             edges[pair] = LineageEdge(source=pair[0], target=pair[1])
-    root_id = public(graph.root) if graph.root in visible else ""
+    root_id = public(graph.root) if graph.root in group or graph.root in visible else ""
+    # Depths are hops in the graph as shown, a placeholder one hop however many datasets
+    # it stands for: the store's depths would tell how long a hidden chain is.
+    shown = _depths(root_id, edges, direction)
+
+    nodes: list[DatasetNode | HiddenNode] = [
+        DatasetNode(
+            id=public(n.id),
+            namespace=n.namespace,
+            name=n.name,
+            depth=shown.get(public(n.id), n.depth),
+        )
+        for n in visible.values()
+    ]
+    nodes.extend(
+        HiddenNode(id=hidden_ids[r], depth=shown.get(hidden_ids[r], d))
+        for r, d in hidden_depth.items()
+    )
+    nodes.sort(key=lambda n: (n.depth, isinstance(n, HiddenNode), n.id))
     return LineageGraphView(
-        root=root_id,
+        root=root_id if graph.root in visible else "",
         direction=direction,
         depth=depth,
         truncated=graph.truncated,
         nodes=nodes,
         edges=[edges[pair] for pair in sorted(edges)],
     )
+
+
+def _depths(root: str, edges: Iterable[tuple[str, str]], direction: Direction) -> dict[str, int]:
+    """Hops from `root` along `edges` (source -> target): downwards, upwards, or the
+    shorter of the two for `both`, as the store's walk counts them."""
+    down: dict[str, list[str]] = {}
+    up: dict[str, list[str]] = {}
+    for source, target in edges:
+        down.setdefault(source, []).append(target)
+        up.setdefault(target, []).append(source)
+    walks = [down] if direction == "down" else [up] if direction == "up" else [down, up]
+    depths: dict[str, int] = {}
+    for adjacent in walks:
+        reached = {root: 0}
+        frontier = [root]
+        while frontier:
+            following: list[str] = []
+            for node in frontier:
+                for neighbour in adjacent.get(node, ()):
+                    if neighbour not in reached:
+                        reached[neighbour] = reached[node] + 1
+                        following.append(neighbour)
+            frontier = following
+        for node, hops in reached.items():
+            depths[node] = min(hops, depths.get(node, hops))
+    return depths
 
 
 def redact_run_event(

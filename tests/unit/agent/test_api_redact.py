@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import uuid
+from collections.abc import Iterable
 from datetime import UTC, datetime
 
 import msgspec
@@ -33,7 +35,7 @@ from agent.events import (
     Run,
     RunEvent,
 )
-from agent.openapi import HiddenNode
+from agent.openapi import HiddenNode, LineageGraphView
 from agent.store.queries import Graph, GraphEdge, GraphNode
 
 T0 = datetime(2026, 11, 20, 9, 30, tzinfo=UTC)
@@ -194,6 +196,80 @@ def test_connected_hidden_datasets_become_one_placeholder_per_group() -> None:
     assert view.root == one
     other_key = redact_graph(graph, readable, b"j" * 32, "down", 3)
     assert {n.id for n in other_key.nodes} & {n.id for n in hidden} == set()
+
+
+def walked(pairs: Iterable[tuple[int, int]]) -> Graph:
+    """The graph the store's downward walk from node 1 returns for these edges: every
+    node it reaches, at its distance, and every edge among them."""
+    depths = _bfs(pairs)
+    return Graph(
+        root=1,
+        nodes=tuple(
+            GraphNode(id=i, namespace="ns", name=node_name(i), depth=d)
+            for i, d in sorted(depths.items())
+        ),
+        edges=tuple(
+            GraphEdge(source=s, target=t, run_count=1, first_seen=T0, last_seen=T0, last_run_id=RUN)
+            for s, t in sorted(pairs)
+            if s in depths and t in depths
+        ),
+        truncated=False,
+    )
+
+
+def _bfs(pairs: Iterable[tuple[int, int]]) -> dict[int, int]:
+    depths = {1: 0}
+    frontier = [1]
+    while frontier:
+        following = []
+        for node in frontier:
+            for source, target in sorted(pairs):
+                if source == node and target not in depths:
+                    depths[target] = depths[node] + 1
+                    following.append(target)
+        frontier = following
+    return depths
+
+
+def seen(view: LineageGraphView) -> tuple[dict[str, int], list[int], int]:
+    """What the caller can tell apart: visible names at their depths, placeholder depths,
+    and the number of edges."""
+    names = {n.name: n.depth for n in view.nodes if not isinstance(n, HiddenNode)}
+    hidden = sorted(n.depth for n in view.nodes if isinstance(n, HiddenNode))
+    return names, hidden, len(view.edges)
+
+
+@pytest.mark.parametrize("hidden", [1, 3, 6])
+def test_a_hidden_chain_is_one_hop_whatever_its_length(hidden: int) -> None:
+    # root -> h_1 -> ... -> h_n -> end, with the h hidden.
+    chain = list(range(1, hidden + 3))
+    graph = walked(list(itertools.pairwise(chain)))
+    readable = {i: i in (chain[0], chain[-1]) for i in chain}
+    view = redact_graph(graph, readable, b"k" * 32, "down", 10)
+    assert seen(view) == ({node_name(1): 0, node_name(chain[-1]): 2}, [1], 2)
+
+
+@settings(max_examples=300)
+@given(
+    pairs=st.sets(st.tuples(st.integers(1, 8), st.integers(1, 8)), max_size=20),
+    hidden=st.sets(st.integers(2, 8), min_size=1),
+    extra=st.integers(1, 4),
+)
+def test_depths_do_not_show_how_long_a_hidden_group_is(
+    pairs: set[tuple[int, int]], hidden: set[int], extra: int
+) -> None:
+    # Stretch a hidden dataset the root feeds into a hidden chain: grown -> 101 -> ... ->
+    # its old targets. The caller must see the same graph either way.
+    grown = min(hidden)
+    pairs = {*pairs, (1, grown)}
+    readable = {i: i < 100 and i not in hidden for i in range(1, 200)}
+    chain = [grown, *range(101, 101 + extra)]
+    stretched = {(chain[-1] if s == grown else s, t) for s, t in pairs}
+    stretched.update(itertools.pairwise(chain))
+    key = b"k" * 32
+    before = redact_graph(walked(pairs), readable, key, "down", 10)
+    after = redact_graph(walked(stretched), readable, key, "down", 10)
+    assert seen(after) == seen(before)
 
 
 # --- event redaction --------------------------------------------------------------------
