@@ -59,7 +59,9 @@ class OutstandingRequest(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def _digest(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+    # Cookie bytes that are not UTF-8 arrive as surrogate escapes: a cookie holding them
+    # must fail to match, not fail to encode.
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def refusal(error: AuthError) -> web.Response:

@@ -138,7 +138,8 @@ def inspect_response(xml: bytes, *, allow_sha1: bool = False) -> ResponseShape:
         )
     except defusedxml.DefusedXmlException as exc:
         raise malformed(f"DTDs and entities are not allowed: {type(exc).__name__}") from None
-    except (ParseError, ValueError) as exc:
+    except (ParseError, ValueError, LookupError) as exc:
+        # LookupError: an XML declaration naming an encoding Python does not know.
         raise malformed(f"not well-formed XML: {exc}") from None
     if root.tag != RESPONSE_TAG:
         raise malformed("document is not a samlp:Response")

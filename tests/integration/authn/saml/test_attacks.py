@@ -441,6 +441,15 @@ async def test_not_xml(site: Site) -> None:
     assert await refused(site, await site.post(b"\x00\xffhello"), 400) == "saml_malformed"
 
 
+async def test_genuine_response_declaring_an_unknown_encoding(
+    site: Site, seen: AuthnRequestSeen
+) -> None:
+    xml = site.idp.respond(seen)
+    assert xml.startswith('<?xml version="1.0"?>')
+    hostile = xml.replace('<?xml version="1.0"?>', '<?xml version="1.0" encoding="foo-bar"?>', 1)
+    assert await refused(site, await site.post(hostile), 400) == "saml_malformed"
+
+
 async def test_not_a_response(site: Site) -> None:
     xml = f'<saml:Assertion xmlns:saml="{SAML}" ID="_a" Version="2.0"/>'
     assert await refused(site, await site.post(xml), 400) == "saml_malformed"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import urlencode
 
 import aiohttp
 import pytest
@@ -14,6 +15,7 @@ from proxy.authn.saml.config import SamlConfigError
 from proxy.authn.saml.state import RedisSamlStore
 from tests.integration.authn.saml.conftest import ROLE_ATTRIBUTE, SiteFactory
 from tests.integration.authn.saml.idp import post_body
+from tests.integration.proxy.rawhttp import exchange
 
 ATTRIBUTES = {ROLE_ATTRIBUTE: ["faculty", "alumni"], "groups": ["data-eng"]}
 
@@ -137,6 +139,29 @@ async def test_response_from_another_browser_refused(make_site: SiteFactory) -> 
         response = await victim.post(site.client.make_url("/saml/acs"), data=post_body(xml))
         assert response.status == 401
         assert await response.json() == {"error": "saml_browser_mismatch"}
+    assert site.logins == []
+    # The browser that started the login can still finish it.
+    assert (await site.post(xml)).status == 200
+
+
+async def test_binding_cookie_that_is_not_utf8_is_another_browser(make_site: SiteFactory) -> None:
+    site = await make_site()
+    xml = site.idp.respond(await site.login())
+    acs = site.client.make_url("/saml/acs")
+    [name] = site.client.session.cookie_jar.filter_cookies(acs).keys()
+    body = urlencode(post_body(xml)).encode()
+    request = (
+        b"POST /saml/acs HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\n"
+        b"Cookie: " + name.encode() + b"=\xff\xfe\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body
+    )
+    assert acs.port is not None
+    # No client library sends header bytes that are not UTF-8; the socket work runs in a
+    # thread, the server in this loop.
+    reply = await asyncio.to_thread(exchange, acs.port, request, method="POST")
+    assert reply.status == 401, reply.body
+    assert reply.json() == {"error": "saml_browser_mismatch"}
     assert site.logins == []
     # The browser that started the login can still finish it.
     assert (await site.post(xml)).status == 200

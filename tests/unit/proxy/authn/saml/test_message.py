@@ -77,6 +77,7 @@ def test_well_formed_response_shape() -> None:
         (response(head='<!DOCTYPE samlp:Response SYSTEM "file:///etc/passwd">'), "saml_malformed"),
         (b"<a>", "saml_malformed"),
         (b"\xff\xfe<", "saml_malformed"),
+        (response(head='<?xml version="1.0" encoding="foo-bar"?>'), "saml_malformed"),
         (
             assertion().replace("<saml:Assertion", f"<saml:Assertion {NS}").encode(),
             "saml_malformed",
@@ -130,6 +131,7 @@ def test_well_formed_response_shape() -> None:
         "external-dtd",
         "truncated",
         "binary",
+        "unknown-encoding",
         "assertion-root",
         "idp-status",
         "no-assertion",
@@ -197,6 +199,24 @@ def test_decode_any_text_gives_bytes_or_clean_refusal(encoded: str) -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=400) | st.text(max_size=400).map(str.encode))
 def test_inspect_any_bytes_gives_shape_or_clean_refusal(xml: bytes) -> None:
+    outcome: object
+    try:
+        outcome = inspect_response(xml)
+    except AuthError as refused:
+        outcome = refused.status
+    assert outcome in (400, 401) or isinstance(outcome, ResponseShape)
+
+
+# Encoding names as an XML declaration may give them: known, aliased, unknown, mangled.
+ENCODINGS = st.sampled_from(
+    ["utf-8", "UTF-16", "iso-8859-1", "cp500", "utf-7", "big5", "shift_jis", "rot13", "idna"]
+) | st.text(alphabet="abcxyzABC0129-_.: ", max_size=16)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ENCODINGS)
+def test_any_declared_encoding_gives_shape_or_clean_refusal(encoding: str) -> None:
+    xml = response(head=f'<?xml version="1.0" encoding="{encoding}"?>')
     outcome: object
     try:
         outcome = inspect_response(xml)
