@@ -2,7 +2,8 @@
 
 In order: the target is normalized and matched to a route (the path the policy sees is
 the path the upstream receives); unless the route is public, the caller is authenticated
-(401 without credentials, 401/503 from a failed check); the policy decides on the
+(401 without credentials, 401/403/503 from a failed check: refused credentials, a
+missing scope, or no answer); the policy decides on the
 verified principal and its roles (403 when denied; a request no route matches is denied);
 the decision is audited; the identity headers for the upstream are built. Any refusal is
 a `Refusal` carrying what was learned so far, so the tap can record denied requests too.
@@ -34,6 +35,7 @@ NO_ROUTE = "no route matches this request: deny by default"
 PUBLIC = "public route"
 NO_POLICY = "authenticated; no policy configured"
 AUDIT_STUCK = "decisions cannot be audited now; refusing"
+INSUFFICIENT_SCOPE_CHALLENGE = 'Bearer realm="lineage-sidecar", error="insufficient_scope"'
 
 
 class Admission(msgspec.Struct, frozen=True, gc=False):
@@ -318,16 +320,19 @@ class Gate:
             admission = Admission(target=target, match=match, outcome="unauthenticated")
             self._audit_or_refuse(request, request_id, admission, reason=exc.reason)
             headers = {}
+            # RFC 6750 3.1: a bad token is invalid_token (401), a good token without a
+            # required scope insufficient_scope (403); 503 says nothing about the token.
             if exc.status == 401:
+                message = "the credentials were refused"
                 headers["WWW-Authenticate"] = (
                     f'Bearer realm="lineage-sidecar", error="invalid_token", '
                     f'error_description="{exc.reason}"'
                 )
-            message = (
-                "the credentials were refused"
-                if exc.status == 401
-                else ("authentication cannot be decided now")
-            )
+            elif exc.status == 403:
+                message = "the credentials lack a scope this route requires"
+                headers["WWW-Authenticate"] = INSUFFICIENT_SCOPE_CHALLENGE
+            else:
+                message = "authentication cannot be decided now"
             raise Refusal(exc.status, exc.reason, message, admission, headers) from None
         if principal is None:
             admission = Admission(target=target, match=match, outcome="unauthenticated")

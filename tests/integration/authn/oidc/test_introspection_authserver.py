@@ -9,10 +9,15 @@ from typing import Any
 
 import msgspec
 import pytest
+from aiohttp.test_utils import make_mocked_request
+from multidict import CIMultiDict
 
+from lineage_sidecar.config import IdentityHeadersConfig
+from proxy.authn.chain import AuthChain, OpaqueBearer
 from proxy.authn.introspection import IntrospectionConfig, TokenIntrospector
 from proxy.authn.principal import AuthError
 from proxy.authn.tokencache import VerifiedTokenCache
+from proxy.gate import Admission, Gate, Refusal
 from tests.integration.authn.oidc.authserver import (
     RESOURCE_CLIENT_ID,
     RESOURCE_CLIENT_SECRET,
@@ -160,6 +165,45 @@ async def test_endpoint_failures_fail_closed_with_503(
     assert (error.reason, error.status) == ("introspection_unavailable", 503)
     await authserver.close()
     assert (await refused(introspector, token)).status == 503
+
+
+async def gate_refusal(gate: Gate, token: str) -> Refusal:
+    headers = CIMultiDict({"Host": "sales.test", "Authorization": "Bearer " + token})
+    request = make_mocked_request("GET", "/sales/orders.json", headers=headers)
+
+    async def admit() -> Admission:
+        answer = gate.admit(request, "rid-1")
+        return answer if isinstance(answer, Admission) else await answer
+
+    with pytest.raises(Refusal) as raised:
+        await admit()
+    return raised.value
+
+
+async def test_gate_tells_a_missing_scope_from_refused_or_undecided_credentials(
+    authserver: OidcProvider, make_introspector: MakeIntrospector
+) -> None:
+    authserver.register_web_client("https://unused.example/cb")
+    introspector = await make_introspector(required_scopes=("write",))
+    gate = Gate(
+        auth=AuthChain([OpaqueBearer([introspector])]),
+        policy=None,
+        audit=None,
+        identity=IdentityHeadersConfig(),
+    )
+    scoped = await gate_refusal(gate, authserver.issue_access_token(scope="read"))
+    assert (scoped.status, scoped.error) == (403, "insufficient_scope")
+    assert scoped.message == "the credentials lack a scope this route requires"
+    assert scoped.headers == {
+        "WWW-Authenticate": 'Bearer realm="lineage-sidecar", error="insufficient_scope"'
+    }
+    inactive = await gate_refusal(gate, "never-issued")
+    assert (inactive.status, inactive.message) == (401, "the credentials were refused")
+    assert 'error="invalid_token"' in inactive.headers["WWW-Authenticate"]
+    authserver.down = True
+    undecided = await gate_refusal(gate, authserver.issue_access_token(scope="write"))
+    assert (undecided.status, undecided.message) == (503, "authentication cannot be decided now")
+    assert "WWW-Authenticate" not in undecided.headers
 
 
 async def test_malformed_tokens_are_refused_without_a_call(
