@@ -48,7 +48,8 @@ from urllib.parse import unquote
 import asyncpg
 import msgspec
 from aiohttp import web
-from multidict import CIMultiDictProxy
+from aiohttp.web_protocol import RequestPayloadError
+from multidict import CIMultiDictProxy, MultiMapping
 
 from agent.derive.routes import DatasetRef
 from agent.events import (
@@ -263,6 +264,17 @@ def parse_dataset(node: str, namespace: str | None = None) -> DatasetRef:
     if not colon:
         raise ApiError(400, "invalid_node", "node must be a dataset id or <namespace>:<name>")
     return DatasetRef(_check_name(space, "namespace"), _check_name(name, "name"))
+
+
+def _single_values(query: MultiMapping[str]) -> dict[str, str]:
+    """The query parameters, each of which may be given once: `depth=1&depth=abc` or
+    `node=a&node=c` is ambiguous, and answering for the first would hide that."""
+    values: dict[str, str] = {}
+    for name, value in query.items():
+        if name in values:
+            raise ApiError(400, f"invalid_{name}", f"the {name} parameter is given more than once")
+        values[name] = value
+    return values
 
 
 def _small_int(value: str | None, name: str, default: int, low: int, high: int) -> int:
@@ -692,11 +704,19 @@ class _LineageApi:
             raise too_large
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.content.iter_any():
-            size += len(chunk)
-            if size > self._max_body_bytes:
-                raise too_large
-            chunks.append(chunk)
+        try:
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > self._max_body_bytes:
+                    raise too_large
+                chunks.append(chunk)
+        except ConnectionResetError:
+            # The client went away mid-body: nothing of the store's doing (its failures are
+            # OSErrors too), and no one is left to answer.
+            log.info("lineage API: the client disconnected while sending the body")
+            raise ApiError(400, "incomplete_body", "the connection closed mid-body") from None
+        except RequestPayloadError as exc:
+            raise ApiError(400, "malformed_body", f"the body cannot be read: {exc}") from None
         return b"".join(chunks)
 
     async def track(self, request: web.Request) -> web.Response:
@@ -746,7 +766,7 @@ class _LineageApi:
 
     async def graph(self, request: web.Request) -> web.Response:
         caller = self._caller(request)
-        query = request.query
+        query = _single_values(request.query)
         node = query.get("node")
         if node is None:
             raise ApiError(400, "invalid_node", "the node parameter is required")
@@ -798,7 +818,7 @@ class _LineageApi:
 
     async def access(self, request: web.Request) -> web.Response:
         caller = self._caller(request)
-        query = request.query
+        query = _single_values(request.query)
         ref = parse_dataset(request.match_info["name"], query.get("namespace"))
         since = _time(query.get("since"), "since") or _EPOCH
         until = _time(query.get("until"), "until")
@@ -829,6 +849,13 @@ class _LineageApi:
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.Response(body=self._openapi, content_type=_JSON)
+
+
+def _method_not_allowed(*allowed: str) -> Handler:
+    async def refuse(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+
+    return refuse
 
 
 def lineage_api(
@@ -862,9 +889,12 @@ def lineage_api(
         resource_of=resource_of,
     )
     app = web.Application(middlewares=[_errors_as_json], client_max_size=max_body_bytes)
-    # Fixed paths before /lineage/{id}, which would otherwise take "graph" and "track".
+    # Fixed paths before /lineage/{id}, which would otherwise take "graph" and "track",
+    # with every method: the wrong one is a 405 here, not an invalid event id there.
     app.router.add_post("/lineage/track", api.track)
+    app.router.add_route("*", "/lineage/track", _method_not_allowed("POST"))
     app.router.add_get("/lineage/graph", api.graph)
+    app.router.add_route("*", "/lineage/graph", _method_not_allowed("GET", "HEAD"))
     app.router.add_get("/lineage/{id}", api.event)
     app.router.add_get("/datasets/{name}/access", api.access)
     app.router.add_get("/openapi.json", api.openapi)

@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import itertools
 import json
+import logging
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -14,10 +15,11 @@ from urllib.parse import quote
 
 import asyncpg
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
-from agent.api import AuthorizationUnavailable, Caller, lineage_api
+from agent.api import SERVER_SETTINGS, AuthorizationUnavailable, Caller, lineage_api
 from agent.events import AccessEvent
 from agent.openapi import MAX_NAME_CHARS
 from agent.store.queries import LineageQueries
@@ -677,6 +679,84 @@ async def test_unknown_routes_and_methods_answer_json(api: Api) -> None:
     assert response.status == 405
     assert (await response.json())["error"] == "method_not_allowed"
     assert response.headers["Allow"] == "GET,HEAD"
+    # Not taken for an event id by /lineage/{id}.
+    for method, path, allow in (
+        ("GET", "/lineage/track", "POST"),
+        ("POST", "/lineage/graph", "GET,HEAD"),
+    ):
+        response = await api.client.request(method, path, headers=api.as_user(READER))
+        assert response.status == 405
+        assert (await response.json())["error"] == "method_not_allowed"
+        assert response.headers["Allow"] == allow
+
+
+@pytest.mark.parametrize(
+    ("query", "error"),
+    [
+        ("node=ns:a&depth=1&depth=abc", "invalid_depth"),
+        ("node=ns:a&node=ns:c", "invalid_node"),
+        ("node=a&namespace=ns&namespace=other", "invalid_namespace"),
+        ("node=ns:a&direction=up&direction=down", "invalid_direction"),
+    ],
+)
+async def test_a_graph_parameter_given_twice_is_refused(api: Api, query: str, error: str) -> None:
+    grant_all(api, READER, "a", "c")
+    response = await api.client.get(
+        URL(f"/lineage/graph?{query}", encoded=True), headers=api.as_user(READER)
+    )
+    assert response.status == 400
+    body = await response.json()
+    assert body["error"] == error
+    assert "more than once" in body["message"]
+
+
+async def test_an_access_parameter_given_twice_is_refused(api: Api) -> None:
+    grant_all(api, READER, "sales.orders")
+    await _access(api, "sales.orders", 1)
+    response = await api.client.get(
+        URL("/datasets/sales.orders/access?namespace=x&limit=1&limit=5", encoded=True).update_query(
+            namespace=NS
+        ),
+        headers=api.as_user(READER),
+    )
+    assert response.status == 400
+    assert (await response.json())["error"] == "invalid_limit"
+
+
+async def test_a_client_gone_mid_body_is_not_reported_as_the_store_down(
+    api: Api, api_store_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Served as in production (the test server would cancel the handler on disconnect).
+    caplog.set_level(logging.INFO, logger="agent.api")
+    pool = await asyncpg.create_pool(api_store_dsn, min_size=1, max_size=1)
+    runner = web.AppRunner(
+        lineage_api(LineageQueries(pool), StoreWriter(pool), api.grants), **SERVER_SETTINGS
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /lineage/track HTTP/1.1\r\nHost: x\r\nX-Auth-Request-User: "
+            + WRITER.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n[{"
+        )
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        # Wait (bounded) for the server to notice that the connection is gone.
+        for _ in range(500):
+            if any(r.name == "agent.api" for r in caplog.records):
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await runner.cleanup()
+        await pool.close()
+    messages = [r.getMessage() for r in caplog.records if r.name == "agent.api"]
+    assert any("client disconnected" in m for m in messages), messages
+    assert not any("store unavailable" in m for m in messages), messages
 
 
 @pytest.mark.parametrize(
