@@ -496,7 +496,10 @@ def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
         try:
             value = yaml.safe_load(text) if text.strip() else ""
         except yaml.YAMLError:
+            # Not YAML (`a: b: c`, an unclosed quote): the override is that text.
             value = text
+        except RecursionError:
+            raise ConfigError(f"{name}: nested too deeply") from None
         node: dict[str, Any] = raw
         for part in path[:-1]:
             child = node.setdefault(part, {})

@@ -316,3 +316,14 @@ def test_the_proxy_check_also_checks_the_agent_sections(section: object, message
     with pytest.raises(ConfigError, match=message) as info:
         from_mapping(raw)
     assert "\n" not in str(info.value)
+
+
+# ---- what a config file or an override can hold ----------------------------------------
+
+
+@pytest.mark.parametrize("depth", [1000, 100_000])
+def test_deeply_nested_environment_override_names_the_variable(tmp_path: Path, depth: int) -> None:
+    env = {"LINEAGE_SIDECAR_PROXY__TRUSTED_PROXIES": "[" * depth + "]" * depth}
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, MINIMAL), environ=env)
+    assert str(info.value) == "LINEAGE_SIDECAR_PROXY__TRUSTED_PROXIES: nested too deeply"
