@@ -62,7 +62,18 @@ async def test_metadata_names_configured_urls(make_site: SiteFactory) -> None:
 
 
 @pytest.mark.parametrize(
-    "return_to", ["https://evil.example/", "//evil.example", "/\\evil.example", "javascript:x"]
+    "return_to",
+    [
+        "https://evil.example/",
+        "//evil.example",
+        "/\\evil.example",
+        "javascript:x",
+        # Each becomes //evil.example, /\evil.example or /<tab>/evil.example in anything
+        # that decodes once more before redirecting.
+        "/%2F%2Fevil.example",
+        "/%5Cevil.example",
+        "/%09/evil.example",
+    ],
 )
 async def test_login_refuses_offsite_return_to(make_site: SiteFactory, return_to: str) -> None:
     site = await make_site()
@@ -71,6 +82,27 @@ async def test_login_refuses_offsite_return_to(make_site: SiteFactory, return_to
     )
     assert response.status == 400
     assert (await response.json()) == {"error": "saml_bad_return_to"}
+
+
+async def test_login_refuses_two_return_to(make_site: SiteFactory) -> None:
+    site = await make_site()
+    response = await site.client.get(
+        "/saml/login?return_to=/a&return_to=//evil.example", allow_redirects=False
+    )
+    assert response.status == 400
+    assert (await response.json()) == {"error": "saml_bad_return_to"}
+
+
+@pytest.mark.parametrize("query", ["", "?return_to="])
+async def test_login_without_return_to_returns_to_the_site_root(
+    make_site: SiteFactory, query: str
+) -> None:
+    site = await make_site()
+    response = await site.client.get(f"/saml/login{query}", allow_redirects=False)
+    assert response.status == 302, await response.text()
+    seen = site.idp.receive(response.headers["Location"])
+    assert (await site.post(site.idp.respond(seen))).status == 200
+    assert [return_to for _, return_to in site.logins] == ["/"]
 
 
 async def test_redis_store_shares_state_between_sp_instances(

@@ -57,6 +57,9 @@ def test_accepts_local_paths_and_allow_listed_hosts(target: str) -> None:
         "https://app.example.com//evil.example",
         "http://app.example.com/",
         "HTTPS://app.example.com/",
+        "http:evil.example",
+        " //evil.example",
+        "../x",
         "javascript:alert(1)",
         "JaVaScRiPt:alert(1)",
         "data:text/html,<script>",
@@ -69,6 +72,8 @@ def test_accepts_local_paths_and_allow_listed_hosts(target: str) -> None:
         "/%5cevil.example",
         "/%252F%252Fevil.example",
         "/%09/evil.example",
+        "/%5C/evil.example",
+        "/%2F/evil.example",
         "/x%0d%0aSet-Cookie:a=b",
         "/x?y=%0d%0aLocation:evil",
         "/x%",
@@ -136,6 +141,8 @@ _PIECES = st.sampled_from(
         "%25",
         "%0a",
         "%00",
+        "%09",
+        "%5c",
         "https:",
         "https://",
         "http://",
@@ -149,6 +156,8 @@ _PIECES = st.sampled_from(
         "\x00",
         "ü",
         "\u0430",
+        "\u3002",  # ideographic full stop, read as "." by some URL parsers
+        "\uff0f",  # fullwidth solidus
         "8443",
         "a",
         "Z",
@@ -186,3 +195,18 @@ def test_acceptance_does_not_depend_on_the_base_host(tail: str) -> None:
     if safe_redirect_target(target, ALLOWED) is not None:
         for base in ("https://app.example.com/", "https://other.example/a/b"):
             assert urlsplit(urljoin(base, target)).netloc == urlsplit(base).netloc
+
+
+_PATH_CHARS = st.sampled_from("abcxyz0129-._~!$&'()*+,;=:@/?#")
+_ESCAPES = st.sampled_from(["%41", "%7E", "%C3%A9", "%3F", "%23"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.text(alphabet="abcxyz0129-._~", min_size=1, max_size=5),
+    st.lists(_PATH_CHARS | _ESCAPES, max_size=20).map("".join),
+)
+def test_ordinary_local_paths_are_accepted(first: str, rest: str) -> None:
+    # The guard must not refuse the paths applications actually use.
+    path = f"/{first}{rest}"
+    assert safe_redirect_target(path, ()) == path
