@@ -23,6 +23,12 @@ What it promises:
   grouped into runs on the records' own clock, as if it arrived live.
 - An event too large for any Kafka message is never dropped: it is written to
   `<spool_dir>/rejected/<event id>.json` (0600), logged and counted.
+- One bad spool never stops the others, nor the agent. A capture record that cannot be
+  decoded is set aside by the spool reader (`<spool_dir>/w<N>/quarantine/`, counted in
+  `records_quarantined`) and reading goes on. A spool the reader refuses (an unknown
+  segment format or capture record version, an unreadable position file) stops alone:
+  the records read before the refusal are still delivered and committed, the error is
+  logged once and stays in `readiness()` until an operator fixes it and restarts.
 - SIGTERM: stop reading, send what was derived, checkpoint, commit, close. Open runs stay
   open in the checkpoint (unless `complete_runs_on_stop`).
 
@@ -30,8 +36,9 @@ The checkpoint is plain msgpack (the deriver's open runs, `Deriver.snapshot`), s
 it runs no code. It is the agent's own file, 0600 beside the spool, and is refused unless
 this user owns it and no one else may write it: it decides which records a restart skips.
 
-Counters (`events_derived`, `batches_sent`, `send_failures`, `lag_bytes`, ...) are plain
-attributes for the metrics endpoint.
+Counters (`events_derived`, `batches_sent`, `send_failures`, `lag_bytes`,
+`records_quarantined`, ...) are plain attributes for the metrics endpoint; `readiness()`
+gives the reasons the agent is not fully working, as the proxy's `/readyz` does.
 """
 
 from __future__ import annotations
@@ -59,7 +66,13 @@ from agent.events import LineageEvent, encode
 from agent.keys import KeyProviderError, open_key_provider
 from agent.process import module_main, resolve_dsn
 from agent.sink import DirectSink, KafkaSink, Sink, SinkError
-from agent.spool import SEGMENT_HEADER_BYTES, SpoolPosition, SpoolReader, parse_segment_name
+from agent.spool import (
+    SEGMENT_HEADER_BYTES,
+    SpoolFormatError,
+    SpoolPosition,
+    SpoolReader,
+    parse_segment_name,
+)
 from agent.store.migrate import migrate
 from agent.store.writer import StoreError, StoreWriter
 
@@ -259,6 +272,8 @@ class LineageAgent:
         # A batch the sink refused while the agent was stopping; sent first on `_finish`.
         self._undelivered: EventBatch | None = None
         self._tails: dict[str, _Tail] = {}
+        # Worker spools that are not read, and why (the reader refused their data).
+        self._stopped_spools: dict[str, str] = {}
         self._stopping = asyncio.Event()
         # Counters for metrics.
         self.records_read = 0
@@ -278,7 +293,25 @@ class LineageAgent:
 
     @property
     def spools(self) -> tuple[str, ...]:
-        return tuple(sorted(self._tails))
+        """Worker spools being read (a stopped one is not among them)."""
+        return tuple(sorted(name for name in self._tails if name not in self._stopped_spools))
+
+    @property
+    def stopped_spools(self) -> dict[str, str]:
+        """Worker spool -> why it is no longer read (an operator must look)."""
+        return dict(self._stopped_spools)
+
+    @property
+    def records_quarantined(self) -> int:
+        """Spool records set aside (undecodable or damaged) rather than delivered."""
+        return sum(tail.reader.metrics.records_quarantined for tail in self._tails.values())
+
+    def readiness(self) -> list[str]:
+        """Reasons the agent is not fully working, empty when it is."""
+        return [
+            f"spool {name} stopped: {reason}"
+            for name, reason in sorted(self._stopped_spools.items())
+        ]
 
     def stop(self) -> None:
         """Ask the loop to finish: send what was derived, commit, return."""
@@ -345,8 +378,12 @@ class LineageAgent:
         except FileNotFoundError:
             return
         for name in names:
-            if name not in self._tails:
-                reader = SpoolReader(self._root / name)
+            if name not in self._tails and name not in self._stopped_spools:
+                try:
+                    reader = SpoolReader(self._root / name)
+                except SpoolFormatError as exc:
+                    self._stop_spool(name, exc)
+                    continue
                 mark = self._marks.get(name)
                 committed = reader.committed_position
                 if mark is not None and committed not in (mark.before, mark.after):
@@ -360,8 +397,25 @@ class LineageAgent:
                 self._tails[name] = _Tail(name, reader, records_to_skip(mark, committed))
                 log.info("reading spool %s", reader.directory)
 
+    def _stop_spool(self, name: str, exc: SpoolFormatError) -> None:
+        self._stopped_spools[name] = str(exc)
+        log.error(
+            "spool %s is no longer read (the other spools are): %s; fix or move its data "
+            "and restart the agent",
+            self._root / name,
+            exc,
+        )
+
     async def _read(self, tail: _Tail) -> int:
-        records = await tail.reader.read(self._config.read_records)
+        if tail.name in self._stopped_spools:
+            return 0
+        try:
+            records = await tail.reader.read(self._config.read_records)
+        except SpoolFormatError as exc:
+            # The records before the refused one were returned by the previous read and
+            # are pending: they are delivered and committed like any others.
+            self._stop_spool(tail.name, exc)
+            return 0
         for position, record in records:
             tail.pending = position
             if tail.skip_until is not None:

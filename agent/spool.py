@@ -17,18 +17,25 @@ What it promises:
 - The format is versioned. A reader meeting an unknown segment format or capture record
   version raises `SpoolFormatError` instead of guessing. A frame torn by a crash is
   detected by its length and CRC and skipped, never returned, and never stops the
-  segments written after it.
+  segments written after it; so is a segment file with no complete header (a crash
+  between creating it and writing its header), deleted once a newer segment exists.
+- A record this reader cannot use but must not lose is set aside, never dropped: a frame
+  whose CRC checks out but whose content does not decode as a capture record of the
+  known version is copied, with its segment, offset and the reason, into
+  `<spool dir>/quarantine/` (see `quarantine_name`), counted in `records_quarantined`,
+  logged once, and reading goes on with the next record.
 
 One writer process and one reader process per directory, enforced by `flock`
 (`SpoolBusyError`): proxy workers each need their own spool directory. A record's
 position points just past it; `commit(position)` means it and all before it are delivered.
 
 On disk, a spool directory holds `<20-digit sequence>.seg` files, `writer.lock`,
-`reader.lock` and `reader.position`. A segment is a 24-byte header (magic, format version,
-capture record version, sequence number) followed by frames: u32 payload length, u32
-CRC-32 of the payload, then the msgpack-encoded `CaptureRecord`. The capture record version
-is pinned in the segment header because `CaptureRecord` omits default fields, its version
-included, so the payload alone cannot tell a v1 record from a newer one.
+`reader.lock`, `reader.position` and, once something was set aside, `quarantine/`. A
+segment is a 24-byte header (magic, format version, capture record version, sequence
+number) followed by frames: u32 payload length, u32 CRC-32 of the payload, then the
+msgpack-encoded `CaptureRecord`. The capture record version is pinned in the segment
+header because `CaptureRecord` omits default fields, its version included, so the payload
+alone cannot tell a v1 record from a newer one.
 
 Why a dedicated writer thread rather than `loop.run_in_executor`: one thread serializes
 writes, rotations and fsyncs without chaining futures; a slow fsync cannot starve (or be
@@ -40,6 +47,7 @@ The thread spends its time in `write`/`fdatasync`, which release the GIL.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import concurrent.futures
 import contextlib
@@ -68,6 +76,8 @@ POSITION_FORMAT_VERSION = 1
 POSITION_FILE = "reader.position"
 WRITER_LOCK_FILE = "writer.lock"
 READER_LOCK_FILE = "reader.lock"
+QUARANTINE_DIR = "quarantine"
+QUARANTINE_FORMAT_VERSION = 1
 
 # magic, segment format version, capture record version, reserved, segment sequence number
 _SEGMENT_HEADER = struct.Struct("<8sHHIQ")
@@ -86,6 +96,11 @@ FullPolicy = Literal["fail_open", "block"]
 
 class SpoolFormatError(Exception):
     """The spool holds data this code does not understand; an operator must look."""
+
+
+class UndecodableRecordError(SpoolFormatError):
+    """An intact frame (its CRC checks out) whose content is not a capture record of the
+    version this reader knows, yet claims that version: set aside, not a reason to stop."""
 
 
 class SpoolFullError(Exception):
@@ -174,6 +189,11 @@ class SpoolReaderMetrics:
     segments_deleted: int = 0
     torn_tails_skipped: int = 0
     bytes_skipped: int = 0
+    # Records (or damaged bytes) copied to the quarantine instead of being delivered.
+    records_quarantined: int = 0
+    bytes_quarantined: int = 0
+    # Segment files with no complete header, skipped (and deleted once not the newest).
+    empty_segments_skipped: int = 0
 
 
 class _RateLimitedWarning:
@@ -302,7 +322,7 @@ def decode_record(payload: bytes | memoryview, *, where: str) -> CaptureRecord:
                 f"{where}: unknown capture record version {version} "
                 f"(this reader knows {CAPTURE_VERSION}); upgrade the agent"
             ) from exc
-        raise SpoolFormatError(f"{where}: undecodable capture record: {exc}") from exc
+        raise UndecodableRecordError(f"{where}: undecodable capture record: {exc}") from exc
     if record.version != CAPTURE_VERSION:
         raise SpoolFormatError(
             f"{where}: unknown capture record version {record.version} "
@@ -346,6 +366,42 @@ def _take_lock(directory: Path, name: str, role: str) -> int:
             f"give each process its own spool directory"
         ) from None
     return fd
+
+
+def quarantine_name(segment: int, offset: int) -> str:
+    """One file per set-aside record, named by where it was: reading it again (after a
+    rewind or a restart before the next commit) finds the file and adds nothing."""
+    return f"{segment:0{_SEQUENCE_DIGITS}d}-{offset:0{_SEQUENCE_DIGITS}d}.json"
+
+
+def encode_quarantine_entry(
+    directory: Path, segment: int, offset: int, data: bytes, reason: str
+) -> bytes:
+    """The quarantine file: JSON, so an operator can read it; the raw bytes in base64,
+    exactly as they stood in the segment (frame header included), so they can be
+    inspected with `decode_quarantined` or repaired and written into a spool again."""
+    return json.dumps(
+        {
+            "format": QUARANTINE_FORMAT_VERSION,
+            "spool": str(directory),
+            "segment": segment,
+            "offset": offset,
+            "length": len(data),
+            "reason": reason,
+            "set_aside_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "bytes": base64.b64encode(data).decode("ascii"),
+        },
+        indent=1,
+    ).encode()
+
+
+def decode_quarantined(entry: bytes) -> tuple[dict[str, object], bytes]:
+    """A quarantine file -> (its fields without `bytes`, the raw bytes it holds)."""
+    fields = json.loads(entry)
+    if not isinstance(fields, dict) or fields.get("format") != QUARANTINE_FORMAT_VERSION:
+        raise SpoolFormatError("not a spool quarantine file of a known format")
+    raw = base64.b64decode(fields.pop("bytes"), validate=True)
+    return fields, raw
 
 
 def read_committed_position(directory: Path) -> SpoolPosition | None:
@@ -936,20 +992,35 @@ class SpoolReader:
         """Open the segment holding the read position, or the next one; False if none."""
         if self._fd is not None:
             return True
-        if self._segment not in segments:
-            later = [sequence for sequence in segments if sequence > self._segment]
-            if not later:
+        while True:
+            if self._segment not in segments:
+                later = [sequence for sequence in segments if sequence > self._segment]
+                if not later:
+                    return False
+                self._segment, self._offset = min(later), 0
+            path = self.directory / segment_name(self._segment)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
                 return False
-            self._segment, self._offset = min(later), 0
-        path = self.directory / segment_name(self._segment)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return False
-        header = os.pread(fd, SEGMENT_HEADER_BYTES, 0)
-        if len(header) < SEGMENT_HEADER_BYTES:
+            header = os.pread(fd, SEGMENT_HEADER_BYTES, 0)
+            if len(header) == SEGMENT_HEADER_BYTES:
+                break
             os.close(fd)
-            raise SpoolFormatError(f"{path}: segment shorter than its header")
+            # The writer renames a segment into place only with its header written, so
+            # this is a crash of some other writer between create and header write: no
+            # records, not corruption. Once a newer segment exists none will follow.
+            if not any(sequence > self._segment for sequence in segments):
+                return False
+            log.warning(
+                "spool %s: segment %d has no complete header (%d bytes): skipped and deleted",
+                self.directory,
+                self._segment,
+                len(header),
+            )
+            self.metrics.empty_segments_skipped += 1
+            self._delete_segment(self._segment)
+            del segments[self._segment]
         try:
             parse_segment_header(header, expected_sequence=self._segment, where=str(path))
         except SpoolFormatError:
@@ -979,8 +1050,13 @@ class SpoolReader:
             )
             chunk_start = self._offset
             for end, payload in scan.frames:
-                record = decode_record(payload, where=f"{segment_path} at {self._offset}")
+                frame_at = self._offset
                 self._offset = chunk_start + end
+                try:
+                    record = decode_record(payload, where=f"{segment_path} at {frame_at}")
+                except UndecodableRecordError as exc:
+                    self._quarantine(frame_at, data[frame_at - chunk_start : end], str(exc))
+                    continue
                 batch.append((SpoolPosition(self._segment, self._offset), record))
             if scan.stop in ("limit", "corrupt"):
                 return scan.stop
@@ -989,6 +1065,37 @@ class SpoolReader:
                     return "short"  # not written yet, or torn
                 read_size = max(read_size, scan.needed)
         return "limit"
+
+    def _quarantine(self, offset: int, data: bytes, reason: str) -> None:
+        """Set bytes of the current segment aside, durably, before reading past them: the
+        segment is deleted once later records are committed."""
+        directory = self.directory / QUARANTINE_DIR
+        path = directory / quarantine_name(self._segment, offset)
+        if path.exists():
+            return  # set aside by an earlier read of the same (uncommitted) stretch
+        directory.mkdir(mode=0o700, exist_ok=True)
+        temp = directory / f".{path.name}.tmp"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            _write_all(
+                fd, encode_quarantine_entry(self.directory, self._segment, offset, data, reason)
+            )
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temp, path)
+        _fsync_directory(directory)
+        self.metrics.records_quarantined += 1
+        self.metrics.bytes_quarantined += len(data)
+        log.error(
+            "spool %s: set aside %d bytes at segment %d offset %d in %s and went on: %s",
+            self.directory,
+            len(data),
+            self._segment,
+            offset,
+            path,
+            reason,
+        )
 
     def _skip_torn_tail(self) -> None:
         fd = self._fd

@@ -26,7 +26,14 @@ from agent.events import AccessEvent, encode
 from agent.ingest import Ingester
 from agent.keys import LocalKeyring
 from agent.sink import DirectSink, KafkaSink, Sink
-from agent.spool import POSITION_FILE
+from agent.spool import (
+    POSITION_FILE,
+    QUARANTINE_DIR,
+    decode_quarantined,
+    encode_frame,
+    encode_segment_header,
+    segment_name,
+)
 from agent.store.migrate import migrate
 from agent.store.writer import StoreWriter
 from tests.integration.agent.harness import (
@@ -477,3 +484,49 @@ async def test_an_ingester_started_before_kafka_and_its_database_exist_waits_for
             await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         finally:
             await admin.close()
+
+
+async def test_a_bad_record_is_set_aside_and_a_refused_spool_stops_alone(
+    tmp_path: Path, store_dsn: str, marker: str
+) -> None:
+    spool = tmp_path / "spool"
+    before = etl_records(marker, runs=2, per_run=6)
+    after = etl_records(marker, runs=2, per_run=6, first_run=2)
+    other = etl_records(marker, runs=2, per_run=6, first_run=4)
+    # w0: records, an intact frame this reader cannot decode, a segment a crash left
+    # without its header, more records.
+    write_spool(spool / "w0", before)
+    [first_segment] = sorted((spool / "w0").glob("*.seg"))
+    bad = {"request_id": "bad", "time_ns": 1, "service": "s", "method": "GET", "path": "/"}
+    with first_segment.open("ab") as segment:
+        segment.write(encode_frame(msgspec.msgpack.encode({**bad, "status": "teapot"})))
+    (spool / "w0" / segment_name(2)).write_bytes(b"")
+    write_spool(spool / "w0", after)
+    # w1: records, then a segment of a format this agent does not know.
+    write_spool(spool / "w1", other)
+    (spool / "w1" / segment_name(9)).write_bytes(encode_segment_header(9, format_version=7))
+
+    config = agent_config(spool, "127.0.0.1:9", "unused", sink="direct")
+    expected = reference_events(before + after, other)
+    for start in range(2):  # a restart neither crashes nor doubles anything
+        writer = await StoreWriter.connect(store_dsn)
+        async with running_agent(config, DirectSink(writer)) as agent:
+            await wait_for_events(store_dsn, len(expected))
+
+            async def w1_stopped(agent: LineageAgent = agent) -> bool:
+                return bool(agent.readiness())
+
+            await wait_for(w1_stopped, what="w1 reported as stopped")
+            assert agent.readiness() == [f"spool w1 stopped: {agent.stopped_spools['w1']}"]
+            assert "unknown spool segment format version 7" in agent.stopped_spools["w1"]
+            assert agent.spools == ("w0",)
+            # Counted by the run that set it aside; a restart finds it already there.
+            assert agent.records_quarantined == (1 if start == 0 else 0)
+        assert_store_holds(await snapshot(store_dsn), before + after, other)
+
+    [entry] = sorted((spool / "w0" / QUARANTINE_DIR).glob("*.json"))
+    fields, raw = decode_quarantined(entry.read_bytes())
+    assert msgspec.msgpack.decode(raw[8:])["status"] == "teapot"
+    assert fields["segment"] == 1
+    assert "undecodable capture record" in str(fields["reason"])
+    assert not (spool / "w0" / segment_name(2)).exists()

@@ -13,6 +13,7 @@ import pytest
 
 from agent.capture import CaptureRecord
 from agent.spool import (
+    QUARANTINE_DIR,
     SEGMENT_HEADER_BYTES,
     SpoolBusyError,
     SpoolFormatError,
@@ -21,6 +22,7 @@ from agent.spool import (
     SpoolPosition,
     SpoolReader,
     SpoolWriter,
+    decode_quarantined,
     encode_frame,
     encode_segment_header,
     segment_name,
@@ -242,11 +244,57 @@ def test_unknown_record_version_in_payload_is_refused_after_earlier_records(
     reader.close()
 
 
-def test_undecodable_record_with_valid_crc_is_a_format_error(tmp_path: Path) -> None:
-    write_segment(tmp_path, 1, encode_segment_header(1), [encode_frame(b"\xc1 not msgpack")])
+def quarantined(directory: Path) -> list[tuple[dict[str, object], bytes]]:
+    return [
+        decode_quarantined(path.read_bytes())
+        for path in sorted((directory / QUARANTINE_DIR).glob("*.json"))
+    ]
+
+
+def test_undecodable_record_is_set_aside_and_the_records_around_it_delivered(
+    tmp_path: Path,
+) -> None:
+    good = [encode_frame(msgspec.msgpack.encode(make_record(i))) for i in range(3)]
+    # CRC intact, version 1, but `decision` is not a value this reader knows.
+    maybe = {"request_id": "bad", "time_ns": 1, "service": "s", "method": "GET", "path": "/"}
+    bad = encode_frame(msgspec.msgpack.encode({**maybe, "status": 200, "decision": "maybe"}))
+    write_segment(tmp_path, 1, encode_segment_header(1), [good[0], good[1], bad, good[2]])
     reader = SpoolReader(tmp_path)
-    with pytest.raises(SpoolFormatError, match="undecodable capture record"):
-        reader.read_batch()
+    delivered = read_all(reader)
+    assert ids(delivered) == ["req-0", "req-1", "req-2"]
+    [(fields, raw)] = quarantined(tmp_path)
+    assert raw == bad  # the frame exactly as it was, header included
+    assert fields["segment"] == 1
+    assert fields["offset"] == SEGMENT_HEADER_BYTES + len(good[0]) + len(good[1])
+    assert "undecodable capture record" in str(fields["reason"])
+    assert "decision" in str(fields["reason"])
+    assert reader.metrics.records_quarantined == 1
+    assert (tmp_path / QUARANTINE_DIR).stat().st_mode & 0o777 == 0o700
+
+    # Read again before a commit (a refused batch, a restart): set aside once, not twice.
+    reader.rewind()
+    assert ids(read_all(reader)) == ["req-0", "req-1", "req-2"]
+    assert reader.metrics.records_quarantined == 1
+    assert len(quarantined(tmp_path)) == 1
+    reader.close()
+
+
+def test_segment_without_a_complete_header_is_skipped_and_deleted(tmp_path: Path) -> None:
+    writer = SpoolWriter(tmp_path, MANUAL_FLUSH)
+    writer.append(make_record(0))
+    writer.close()
+    # A crash between creating a segment and writing its header: zero bytes, or a few.
+    (tmp_path / segment_name(2)).write_bytes(b"")
+    (tmp_path / segment_name(3)).write_bytes(encode_segment_header(3)[:10])
+    reader = SpoolReader(tmp_path)
+    assert ids(read_all(reader)) == ["req-0"]  # the newest one is simply empty so far
+    writer = SpoolWriter(tmp_path, MANUAL_FLUSH)
+    writer.append(make_record(1))
+    writer.close()
+    assert ids(read_all(reader)) == ["req-1"]
+    assert not (tmp_path / segment_name(2)).exists()
+    assert not (tmp_path / segment_name(3)).exists()
+    assert reader.metrics.empty_segments_skipped == 2
     reader.close()
 
 
