@@ -41,7 +41,9 @@ __all__ = [
     "openapi_document",
 ]
 
-API_VERSION = "1.0.0"
+# 2.0.0: access pages carry an opaque `next` cursor (passed back as `after`) in place of
+# `next_since`, which could not page past more events than `limit` at one instant.
+API_VERSION = "2.0.0"
 MAX_NAME_CHARS = 4096
 MAX_EVENTS_PER_TRACK = 1000
 MAX_DATASETS_PER_EVENT = 1000
