@@ -343,7 +343,8 @@ def _child(children: dict[_Key, _Node], key: _Key) -> _Node:
 
 def _effect_of(fields: Sequence[str], effect_index: int | None) -> int | None:
     """A rule's effect as pycasbin reads it: no eft column means allow; other values count
-    as matched but decide nothing, so they are left out of the index."""
+    as matched but decide nothing, so they are left out of the index (the engine refuses
+    such lines at load, so this only keeps pycasbin's reading for direct callers)."""
     if effect_index is None:
         return ALLOW
     return {"allow": ALLOW, "deny": DENY}.get(fields[effect_index])

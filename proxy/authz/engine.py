@@ -12,7 +12,8 @@ a malformed model, a policy line that does not fit the model, an unknown functio
 invalid regular expression raise `PolicyError` naming the file and line at build time
 (globs, slow to compile, are checked by `warm()`); a request that cannot be evaluated is
 denied (fail closed), never raises. Stricter than pycasbin where pycasbin would only fail
-later or silently: policy lines of an undefined type or with too many fields are errors.
+later or silently: policy lines of an undefined type, with too many fields, or with an
+effect other than exactly `allow` or `deny` (pycasbin would ignore the rule) are errors.
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ DOMAIN_MISSING: Final = "request has no domain but the model needs one: deny"
 DOMAIN_UNEXPECTED: Final = "request has a domain but the model has none: deny"
 
 Mode = Literal["compiled", "casbin"]
+
+# The only effects pycasbin acts on. It reads any other value (`Deny`, `denied`, a typo) as
+# "indeterminate" and ignores the rule, so a misspelled deny would silently stop denying:
+# such a line is refused. Case is not folded: `Deny` is refused rather than read as
+# `deny`, so the file means the same to this engine, to pycasbin and to a reviewer.
+EFFECT_VALUES: Final = frozenset({"allow", "deny"})
 
 _NESTING: Final = re.compile(r"[,\[\]\(\)]")
 _REQUEST_FIELDS: Final = ("sub", "obj", "act", "dom")
@@ -280,9 +287,12 @@ class PolicyEngine:
     def _check_lines(self, shape: Shape) -> None:
         model = shape.model
         expected: dict[str, tuple[int, str]] = {}  # type -> (field count, field names)
+        effect_columns: dict[str, int] = {}  # policy type -> index of its eft field
         for policy_type, assertion in model["p"].items():
-            names = ", ".join(token.split("_", 1)[1] for token in assertion.tokens)
-            expected[policy_type] = (len(assertion.tokens), names)
+            names = [token.split("_", 1)[1] for token in assertion.tokens]
+            expected[policy_type] = (len(assertion.tokens), ", ".join(names))
+            if "eft" in names:
+                effect_columns[policy_type] = names.index("eft")
         for role_type, count in shape.role_types.items():
             expected[role_type] = (count, model["g"][role_type].value)
         for line in self._lines:
@@ -297,12 +307,25 @@ class PolicyEngine:
                     f"{line.source or '<policy>'}: {line.ptype} line has {len(line.fields)} "
                     f"fields, the model defines {known[0]} ({known[1]})"
                 )
+            effect_index = effect_columns.get(line.ptype)
+            if effect_index is not None and line.fields[effect_index] not in EFFECT_VALUES:
+                raise PolicyError(_effect_message(line, line.fields[effect_index]))
 
     def _compile(self, shape: Shape, groupings: dict[str, list[Sequence[str]]]) -> CompiledPolicy:
         try:
             return CompiledPolicy(shape, [rule.fields for rule in self._rules], groupings)
         except PatternError as exc:
             raise PolicyError(f"{self._rule_source(exc.rule_index)}: {exc}") from exc
+
+
+def _effect_message(line: PolicyLine, effect: str) -> str:
+    hint = ""
+    if effect.strip().lower() in EFFECT_VALUES:
+        hint = f" (write {effect.strip().lower()!r}: effects are lowercase)"
+    return (
+        f"{line.source or '<policy>'}: effect {effect!r} is neither 'allow' nor 'deny'{hint}; "
+        "pycasbin would ignore this rule"
+    )
 
 
 def _request_layout(shape: Shape, source: str) -> tuple[bool, tuple[int, ...]]:

@@ -223,6 +223,20 @@ async def test_a_change_that_breaks_the_policy_is_refused(api: Api) -> None:
     assert await api.audit_lines() == []
 
 
+@pytest.mark.parametrize("effect", ["Deny", "DENY", "maybe", "denied", "allows"])
+async def test_a_rule_with_a_misspelled_effect_is_refused(api: Api, effect: str) -> None:
+    # pycasbin ignores a rule whose effect is not exactly allow or deny: accepting
+    # `Deny` would store a deny that never denies.
+    before = api.policy.read_bytes()
+    rule = {"fields": ["analyst", "dataset:sales.orders", "*", effect]}
+    status, body = await api.call("POST", "/policies", rule)
+    assert (status, body["error"]) == (400, "invalid_policy")
+    assert f"effect {effect!r} is neither 'allow' nor 'deny'" in body["message"]
+    assert f"{api.policy}:" in body["message"]
+    assert api.policy.read_bytes() == before
+    assert api.allowed("alice", "dataset:sales.orders", "read")
+
+
 @pytest.mark.parametrize(
     "body",
     [

@@ -322,6 +322,45 @@ def test_policy_lines_that_do_not_fit_the_model_name_file_and_line(
     assert message in str(error.value)
 
 
+@pytest.mark.parametrize(
+    ("effect", "hint"),
+    [
+        ("Deny", "(write 'deny': effects are lowercase)"),
+        ("ALLOW", "(write 'allow': effects are lowercase)"),
+        ("maybe", ""),
+        ("denied", ""),
+        ("", ""),
+    ],
+)
+def test_an_effect_other_than_allow_or_deny_is_refused_naming_the_line(
+    effect: str, hint: str
+) -> None:
+    # pycasbin reads any other effect as "indeterminate" and skips the rule, so a
+    # misspelled deny would silently stop denying.
+    policy = f"p, analyst, /sales/*, read, allow\np, analyst, /sales/secret, read, {effect}"
+
+    with pytest.raises(PolicyError) as error:
+        PolicyEngine.from_text(RBAC_DENY, policy, policy_source="policy.csv")
+
+    assert str(error.value).startswith(
+        f"policy.csv:2: effect {effect!r} is neither 'allow' nor 'deny'{' ' + hint if hint else ''}"
+    )
+
+
+def test_effects_are_checked_for_every_model_with_an_eft_column() -> None:
+    deny_override = _model(
+        "r.sub == p.sub && r.obj == p.obj && r.act == p.act",
+        effect="!some(where (p.eft == deny))",
+        eft=True,
+    )
+    with pytest.raises(PolicyError, match=r"policy\.csv:1: effect 'no'"):
+        PolicyEngine.from_text(deny_override, "p, a, /x, read, no", policy_source="policy.csv")
+    # Without an eft column the fourth value is an ordinary field.
+    without = _model("r.sub == p.sub && r.obj == p.obj && r.act == p.act")
+    engine = PolicyEngine.from_text(without, "p, a, /x, Deny")
+    assert engine.decide("a", "/x", "Deny").allowed is True
+
+
 @pytest.mark.parametrize("pattern", ["+x", "/data/[z-a]", "/a/**"])
 def test_invalid_regex_in_a_rule_is_rejected_at_load(pattern: str) -> None:
     model = _model("g(r.sub, p.sub) && regexMatch(r.obj, p.obj) && r.act == p.act")

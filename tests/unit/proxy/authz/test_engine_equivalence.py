@@ -8,15 +8,17 @@ must get pycasbin's decision and the rule pycasbin's `enforce_ex` explains.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import casbin
+import pytest
 from casbin.persist.adapter import Adapter, load_policy_line
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from proxy.authz.engine import PolicyEngine
+from proxy.authz.engine import PolicyEngine, PolicyError
 
 EFFECTS = {
     "allow-override": "some(where (p.eft == allow))",
@@ -274,3 +276,26 @@ def test_decide_many_equals_one_by_one(
         (r[0], r[2], r[3], r[1]) if spec.domains else (r[0], r[1], r[2], None) for r in requests
     ]
     assert engine.decide_many(calls) == [engine.decide(*call) for call in calls]
+
+
+# Effects pycasbin reads as "indeterminate": it skips such a rule, so each would silently
+# drop a deny (or an allow). The engine must refuse them instead of agreeing.
+MISSPELLED_EFFECTS = ["Deny", "DENY", "Allow", "denied", "maybe", "", "deny.", "allow!"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(), st.data())
+def test_a_misspelled_effect_is_refused_naming_its_line(
+    scenario: tuple[ModelSpec, str, list[tuple[str, ...]]], data: st.DataObject
+) -> None:
+    spec, policy_text, _ = scenario
+    lines = policy_text.split("\n")
+    rule_numbers = [n for n, line in enumerate(lines, start=1) if line.startswith("p, ")]
+    assume(spec.with_eft and rule_numbers)
+    number = data.draw(st.sampled_from(rule_numbers))
+    effect = data.draw(st.sampled_from(MISSPELLED_EFFECTS))
+    fields = lines[number - 1].split(", ")
+    lines[number - 1] = ", ".join([*fields[:-1], effect])
+    where = re.escape(f"policy.csv:{number}: effect {effect!r} ")
+    with pytest.raises(PolicyError, match=f"^{where}"):
+        PolicyEngine.from_text(spec.text(), "\n".join(lines), policy_source="policy.csv")

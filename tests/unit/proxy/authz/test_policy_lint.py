@@ -1,0 +1,79 @@
+"""Policy files a load refuses, as their author sees it: the store's loader and
+`lineage-sidecar policy check` both name the file and line, and nothing is swapped in.
+
+Pure tests: files in a temporary folder, the CLI run in process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lineage_sidecar.policycmd import add_policy_commands
+from proxy.authz.store import PolicyLoadError, load_snapshot
+
+REPO = Path(__file__).resolve().parents[4]
+POLICIES = REPO / "policies"
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    for name in ("model.conf", "policy.csv", "routes.yaml"):
+        shutil.copy(POLICIES / name, tmp_path / name)
+    return tmp_path
+
+
+def policy_check(folder: Path) -> int:
+    parser = argparse.ArgumentParser(prog="lineage-sidecar policy")
+    add_policy_commands(parser.add_subparsers(dest="action", required=True))
+    args = parser.parse_args(
+        [
+            "check",
+            "--model",
+            str(folder / "model.conf"),
+            "--policy",
+            str(folder / "policy.csv"),
+            "--routes",
+            str(folder / "routes.yaml"),
+        ]
+    )
+    code: int = args.func(args)
+    return code
+
+
+def load_error(folder: Path) -> PolicyLoadError:
+    with pytest.raises(PolicyLoadError) as caught:
+        load_snapshot(folder / "model.conf", [folder / "policy.csv"], folder / "routes.yaml")
+    return caught.value
+
+
+# -- effects --------------------------------------------------------------------------------
+
+MISSPELLED_DENY = """\
+p, analyst, dataset:sales.*, read, allow
+p, analyst, dataset:sales.secret, *, Deny
+g, alice, analyst
+"""
+
+
+def test_a_misspelled_deny_is_refused_at_load(folder: Path) -> None:
+    (folder / "policy.csv").write_text(MISSPELLED_DENY, encoding="utf-8")
+
+    error = load_error(folder)
+
+    assert (error.file, error.line) == (str(folder / "policy.csv"), 2)
+    assert "effect 'Deny' is neither 'allow' nor 'deny'" in error.reason
+
+
+def test_policy_check_fails_on_a_misspelled_deny(
+    folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (folder / "policy.csv").write_text(MISSPELLED_DENY, encoding="utf-8")
+
+    assert policy_check(folder) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"{folder / 'policy.csv'}:2: effect 'Deny'")
