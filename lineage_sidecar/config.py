@@ -12,7 +12,10 @@ Environment overrides: `LINEAGE_SIDECAR_<SECTION>__<FIELD>[__<FIELD>...]=value`,
 is read as a YAML scalar or flow collection, so numbers, booleans and `[a, b]` lists work.
 
 Secrets (`Secret` fields) are given as `file:/path/to/secret` or `env:VARIABLE`, resolved at
-load; an inline value is accepted for development but logged as a warning.
+load; an inline value is accepted for development but logged as a warning. A secret file,
+like the configuration file, must be a regular file (symlinks are followed, as in a
+Kubernetes secret mount) of bounded size: a FIFO would block the start, a device or an
+endless file would be read until memory runs out.
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ import ipaddress
 import logging
 import os
 import re
+import stat
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit
 
 import msgspec
@@ -49,6 +52,9 @@ from proxy.authn.sessions import SessionConfig
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "LINEAGE_SIDECAR_"
+CONFIG_MAX_BYTES: Final = 1_000_000
+# A PEM key or a DSN is a few KB; this leaves room for a certificate chain in one secret.
+SECRET_MAX_BYTES: Final = 64 * 1024
 
 
 class ConfigError(Exception):
@@ -461,13 +467,56 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     ingest: IngestConfig | None = None
 
 
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+class FileRefused(ValueError):
+    """A file that is not read: not a regular file. The message completes "PATH: "."""
+
+
+class FileTooLarge(FileRefused):
+    """A regular file larger than the limit it was read with."""
+
+
+def read_regular_file(path: str | os.PathLike[str], limit: int) -> bytes:
+    """The content of a regular file (symlinks followed) of at most `limit` bytes.
+
+    Raises FileRefused for anything else; OSError (missing, not permitted) is left to the
+    caller."""
+    # O_NONBLOCK: opening a FIFO that has no writer would otherwise wait forever. It has
+    # no effect on the regular file that is then read.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
+            raise FileRefused(f"not a regular file ({kind})")
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise FileTooLarge(f"larger than {limit} bytes")
+    return data
+
+
 def _resolve_secret(raw: str, field_path: str) -> Secret:
     if raw.startswith("file:"):
         path = raw[len("file:") :]
         try:
-            return Secret(Path(path).read_text().rstrip("\r\n"), source=raw)
+            data = read_regular_file(path, SECRET_MAX_BYTES)
         except OSError as exc:
             raise ValueError(f"cannot read secret file {path!r}: {exc.strerror}") from None
+        except FileRefused as exc:
+            raise ValueError(f"secret file {path!r}: {exc}") from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"secret file {path!r} is not UTF-8 text") from None
+        return Secret(text.rstrip("\r\n"), source=raw)
     if raw.startswith("env:"):
         name = raw[len("env:") :]
         value = os.environ.get(name)
@@ -636,7 +685,7 @@ def load_process(
 ) -> AgentProcessConfig | IngestProcessConfig:
     """The agent's or the ingester's sections of a configuration file (others ignored)."""
     source = str(path)
-    raw = _read_mapping(path)
+    raw = read_mapping(path)
     _apply_env(raw, os.environ if environ is None else environ)
     picked = {key: value for key, value in raw.items() if key in sections}
     try:
@@ -655,16 +704,19 @@ def load_process(
     return config
 
 
-def _read_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
+def read_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed YAML mapping of a configuration file, before overrides and validation."""
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_regular_file(path, CONFIG_MAX_BYTES).decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{source}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{source}: cannot read: {exc}") from None
-    if len(text) > 1_000_000:
-        raise ConfigError(f"{source}: larger than 1 MB; this is not a configuration file")
+    except FileTooLarge:
+        raise ConfigError(f"{source}: larger than 1 MB; this is not a configuration file") from None
+    except FileRefused as exc:
+        raise ConfigError(f"{source}: {exc}; --config must name a YAML file") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -684,7 +736,7 @@ def _read_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
 def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
     """Read, override from the environment, validate. Raises ConfigError (one line)."""
     source = str(path)
-    raw = _read_mapping(path)
+    raw = read_mapping(path)
     return from_mapping(raw, source=source, environ=os.environ if environ is None else environ)
 
 

@@ -11,7 +11,7 @@ import json
 import msgspec
 import msgspec.inspect as mi
 
-from lineage_sidecar.config import ENV_PREFIX, Config
+from lineage_sidecar.config import ENV_PREFIX, SECRET_MAX_BYTES, Config
 
 HEADER = f"""# Configuration reference
 
@@ -19,8 +19,10 @@ Generated from `lineage_sidecar/config.py` by `python -m lineage_sidecar.configd
 edit by hand. One YAML file holds every section. Any field can be overridden from the
 environment: `{ENV_PREFIX}<SECTION>__<FIELD>[__<FIELD>]`, e.g. `{ENV_PREFIX}PROXY__WORKERS=4`
 (values are read as YAML, so `true`, `4` and `[a, b]` work). Fields marked *secret* take
-`file:/path` or `env:NAME`. A bad value stops the command with exit status 2 and one line
-naming the field.
+`file:/path` or `env:NAME`; the file must be a regular file (symlinks are followed) of at
+most {SECRET_MAX_BYTES // 1024} KiB, as the configuration file must be one of at most 1 MB
+(docs/security.md, "Secrets in configuration"). A bad value stops the command with exit
+status 2 and one line naming the field.
 """
 
 

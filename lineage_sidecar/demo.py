@@ -39,7 +39,7 @@ from agent.agent import LineageAgent, open_sink
 from agent.config import AgentProcessConfig
 from agent.events import InputDataset, Job, LineageEvent, OutputDataset, Run, RunEvent
 from agent.store.writer import StoreWriter
-from lineage_sidecar.config import Config, from_mapping, parse_listen
+from lineage_sidecar.config import Config, from_mapping, parse_listen, read_mapping
 from proxy.supervisor import Proxy, configure_logging
 
 SAMPLE_ROWS: dict[str, tuple[str, list[tuple[object, ...]]]] = {
@@ -396,7 +396,7 @@ def run_demo(
     state.mkdir(parents=True, exist_ok=True)
     overrides: dict[str, Any] = {}
     if config_path is not None:
-        overrides = yaml.safe_load(Path(config_path).read_text()) or {}
+        overrides = read_mapping(config_path)
     host, listen_port = parse_listen(listen)
     if listen_port == 0:
         # The identity provider's issuer URL names the port: fix it before starting.

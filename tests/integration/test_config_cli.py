@@ -4,6 +4,7 @@ with exit status 2 and one line on standard error, never a traceback."""
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,11 @@ import yaml
 
 CLI = str(Path(sys.executable).with_name("lineage-sidecar"))
 MINIMAL = {"proxy": {"upstream": "http://127.0.0.1:1", "tls": {"enabled": False}}}
+
+
+def limit_memory() -> None:
+    # A command that reads an endless file stops at MemoryError, not at the machine's end.
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, resource.RLIM_INFINITY))
 
 
 def check(config: Path | str, env: dict[str, str] | None = None) -> str:
@@ -25,6 +31,7 @@ def check(config: Path | str, env: dict[str, str] | None = None) -> str:
         timeout=60,
         check=False,
         env={**os.environ, **(env or {})},
+        preexec_fn=limit_memory,
     )
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
@@ -43,3 +50,20 @@ def test_deeply_nested_environment_override(tmp_path: Path) -> None:
     name = "LINEAGE_SIDECAR_PROXY__TRUSTED_PROXIES"
     line = check(write(tmp_path, MINIMAL), {name: "[" * 1000 + "]" * 1000})
     assert line.endswith(f"{name}: nested too deeply")
+
+
+def test_secret_file_that_is_a_device_or_a_fifo(tmp_path: Path) -> None:
+    fifo = tmp_path / "password"
+    os.mkfifo(fifo)
+    for secret in ("/dev/zero", str(fifo)):
+        redis = {"url": "redis://127.0.0.1:6379", "password": f"file:{secret}"}
+        line = check(write(tmp_path, {**MINIMAL, "redis": redis}))
+        assert f"redis.password: secret file {secret!r}: not a regular file" in line
+
+
+def test_config_that_is_a_device_or_a_fifo(tmp_path: Path) -> None:
+    fifo = tmp_path / "sidecar.yaml"
+    os.mkfifo(fifo)
+    for config, kind in (("/dev/zero", "a character device"), (str(fifo), "a FIFO")):
+        line = check(config)
+        assert f"{config}: not a regular file ({kind}); --config must name a YAML" in line

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import resource
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +18,7 @@ from agent.config import AgentProcessConfig, IngestProcessConfig, KeysConfig
 from lineage_sidecar.config import (
     AGENT_SECTIONS,
     INGEST_SECTIONS,
+    SECRET_MAX_BYTES,
     Config,
     ConfigError,
     Secret,
@@ -327,3 +333,120 @@ def test_deeply_nested_environment_override_names_the_variable(tmp_path: Path, d
     with pytest.raises(ConfigError) as info:
         load(write(tmp_path, MINIMAL), environ=env)
     assert str(info.value) == "LINEAGE_SIDECAR_PROXY__TRUSTED_PROXIES: nested too deeply"
+
+
+@contextlib.contextmanager
+def memory_ceiling(extra: int = 512 << 20) -> Iterator[None]:
+    """Cap this process's address space for the block: code that reads an endless file
+    fails with MemoryError instead of taking the machine's memory."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    pages = int(Path("/proc/self/statm").read_text().split()[0])
+    ceiling = pages * os.sysconf("SC_PAGE_SIZE") + extra
+    resource.setrlimit(resource.RLIMIT_AS, (ceiling if hard < 0 else min(ceiling, hard), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@contextlib.contextmanager
+def fifo(path: Path) -> Iterator[Path]:
+    """A FIFO whose writing end a thread opens once and closes: code that opens the FIFO
+    and waits for data reads an end of file instead of hanging the test."""
+    os.mkfifo(path)
+    writer = threading.Thread(target=lambda: os.close(os.open(path, os.O_WRONLY)), daemon=True)
+    writer.start()
+    try:
+        yield path
+    finally:
+        while writer.is_alive():
+            # Nothing opened the reading end (the FIFO was refused unopened or opened
+            # before the writer): opening it here lets the writer's open return.
+            os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+            writer.join(0.05)
+
+
+def sparse_file(path: Path, size: int) -> Path:
+    with path.open("wb") as handle:
+        handle.truncate(size)
+    return path
+
+
+def with_redis_password(tmp_path: Path, reference: str) -> Path:
+    return write(tmp_path, {**MINIMAL, "redis": {"url": "redis://x", "password": reference}})
+
+
+def test_secret_file_that_is_a_fifo_is_refused_unopened(tmp_path: Path) -> None:
+    with fifo(tmp_path / "password") as path, pytest.raises(ConfigError) as info:
+        load(with_redis_password(tmp_path, f"file:{path}"), environ={})
+    assert str(info.value) == (
+        f"{tmp_path / 'config.yaml'}: redis.password: secret file {str(path)!r}: "
+        "not a regular file (a FIFO)"
+    )
+
+
+def test_secret_file_that_is_a_device_is_refused(tmp_path: Path) -> None:
+    with memory_ceiling(), pytest.raises(ConfigError) as info:
+        load(with_redis_password(tmp_path, "file:/dev/zero"), environ={})
+    assert str(info.value).endswith(
+        "redis.password: secret file '/dev/zero': not a regular file (a character device)"
+    )
+
+
+def test_secret_file_is_read_up_to_its_limit(tmp_path: Path) -> None:
+    huge = sparse_file(tmp_path / "huge", 4 << 30)
+    with memory_ceiling(), pytest.raises(ConfigError) as info:
+        load(with_redis_password(tmp_path, f"file:{huge}"), environ={})
+    assert str(info.value).endswith(
+        f"redis.password: secret file {str(huge)!r}: larger than 65536 bytes"
+    )
+    largest = tmp_path / "largest"
+    largest.write_text("k" * SECRET_MAX_BYTES)
+    config = load(with_redis_password(tmp_path, f"file:{largest}"), environ={})
+    assert config.redis is not None
+    assert config.redis.password is not None
+    assert len(config.redis.password.value) == SECRET_MAX_BYTES
+
+
+def test_secret_file_behind_symlinks_is_read(tmp_path: Path) -> None:
+    # A Kubernetes secret volume: password -> ..data/password, ..data -> ..2024_01_01/.
+    version = tmp_path / "..2024_01_01"
+    version.mkdir()
+    (version / "password").write_text("s3cret\n")
+    (tmp_path / "..data").symlink_to(version.name)
+    (tmp_path / "password").symlink_to("..data/password")
+    config = load(with_redis_password(tmp_path, f"file:{tmp_path / 'password'}"), environ={})
+    assert config.redis is not None
+    assert config.redis.password == Secret("s3cret", "x")
+
+
+def test_resolved_secret_that_is_not_a_file_names_the_field(tmp_path: Path) -> None:
+    issuer = {"issuer": "https://idp.example", "shared_secret": "file:/dev/null"}
+    data = {**MINIMAL, "auth": {"jwt_issuers": [issuer]}}
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, data), environ={})
+    assert str(info.value).endswith(
+        "auth.jwt_issuers[0].shared_secret: secret file '/dev/null': "
+        "not a regular file (a character device)"
+    )
+
+
+def test_config_file_that_is_a_fifo_is_refused_unopened(tmp_path: Path) -> None:
+    with fifo(tmp_path / "config.yaml") as path, pytest.raises(ConfigError) as info:
+        load(path, environ={})
+    assert str(info.value) == f"{path}: not a regular file (a FIFO); --config must name a YAML file"
+
+
+def test_config_file_that_is_a_device_is_refused(tmp_path: Path) -> None:
+    with memory_ceiling(), pytest.raises(ConfigError) as info:
+        load("/dev/zero", environ={})
+    assert str(info.value) == (
+        "/dev/zero: not a regular file (a character device); --config must name a YAML file"
+    )
+
+
+def test_config_file_is_read_up_to_its_limit(tmp_path: Path) -> None:
+    huge = sparse_file(tmp_path / "huge.yaml", 4 << 30)
+    with memory_ceiling(), pytest.raises(ConfigError) as info:
+        load_process(huge, AgentProcessConfig, AGENT_SECTIONS, environ={})
+    assert str(info.value) == f"{huge}: larger than 1 MB; this is not a configuration file"
