@@ -1,7 +1,8 @@
 """Derivation: capture records in, lineage and access events out. Pure: no IO, no clock.
 
 For each record, in arrival order: redact its secrets (`redact`), read the datasets it
-names and the tables and columns of its SQL (`routes`, `sql`), emit an access event per
+names and the tables and columns of its SQL (`routes`, `sql`; SQL over the size limit is
+only noted as such, before redaction, and never analysed), emit an access event per
 dataset it names, and feed the run correlator (`runs`), which emits OpenLineage START and
 COMPLETE/FAIL events. The same records always give the same events with the same ids.
 """
@@ -14,7 +15,7 @@ from agent.capture import CaptureRecord
 from agent.derive.redact import RedactionRules, redact_record
 from agent.derive.routes import access_events, request_lineage
 from agent.derive.runs import RunConfig, RunCorrelator
-from agent.derive.sql import DEFAULT_MAX_SQL_BYTES
+from agent.derive.sql import DEFAULT_MAX_SQL_BYTES, sql_bytes
 from agent.events import LineageEvent, RunEvent
 
 __all__ = ["DeriveConfig", "Deriver"]
@@ -47,8 +48,16 @@ class Deriver:
 
     def feed(self, record: CaptureRecord) -> list[LineageEvent]:
         """Access events for this record, then the run events it made due."""
-        record = redact_record(record, self._config.redaction)
-        lineage = request_lineage(record, max_sql_bytes=self._config.max_sql_bytes)
+        rules, max_sql_bytes = self._config.redaction, self._config.max_sql_bytes
+        if record.sql is not None and sql_bytes(record.sql) > max_sql_bytes:
+            # SQL over the limit is never analysed: the lineage notes its size, measured on
+            # the text as captured, and nothing else. Redacting it first would spend time
+            # on text nobody reads; the record goes on without it.
+            lineage = request_lineage(record, max_sql_bytes=max_sql_bytes)
+            record = redact_record(msgspec.structs.replace(record, sql=None), rules)
+        else:
+            record = redact_record(record, rules)
+            lineage = request_lineage(record, max_sql_bytes=max_sql_bytes)
         events: list[LineageEvent] = list(access_events(record, lineage))
         events.extend(self._runs.feed(record, lineage))
         return events

@@ -84,7 +84,7 @@ def is_secret_name(name: str) -> bool:
 MAX_VALUE_CHARS = 8192
 
 # Candidate names: a word starting where no other word character precedes it.
-_NAME = re.compile(r"(?<![\w\-.$])[A-Za-z_][\w\-.]*")
+_NAME = re.compile(r"(?<![\w\-.$])[A-Za-z_][\w\-.]*+")
 # A quoted value: SQL string (with '' or backslash escapes; when the backslash reading finds
 # no closing quote, the plain one is tried), double-quoted, or dollar-quoted.
 _LIMIT = f"{{0,{MAX_VALUE_CHARS}}}"
@@ -105,11 +105,13 @@ _VALUE = re.compile(
     r"|(?P<open_sep>" + _EXPLICIT_SEP + r"|\s{1,64})(?P<unclosed>['\"]|\$\w{0,64}\$))",
     re.IGNORECASE | re.DOTALL,
 )
+# Userinfo is looked for only right after a "://": scanning for a scheme from every word
+# start would rescan the rest of a long word (`a-a-a-...`) at each of its letters. Neither
+# part can hold a "/", so each attempt ends before the next "://" begins.
 _URL_USERINFO = re.compile(
-    r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^\s/?#@:'\"]*)"
-    r"(?::(?P<password>[^\s/?#'\"]*))?@"
+    r"(?P<scheme>://)(?P<user>[^\s/?#@:'\"]*+)(?::(?P<password>[^\s/?#'\"]*))?@"
 )
-_BEARER = re.compile(r"\b(?P<kind>Bearer|Basic|Token|Negotiate)\s+[A-Za-z0-9\-._~+/=]+", re.I)
+_BEARER = re.compile(r"\b(?P<kind>Bearer|Basic|Token|Negotiate)\s++[A-Za-z0-9\-._~+/=]++", re.I)
 
 
 def _mask_value(value: re.Match[str]) -> str:

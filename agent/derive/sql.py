@@ -139,7 +139,7 @@ def tables_and_columns(
     sql: str, dialect: str | None = None, *, max_bytes: int = DEFAULT_MAX_SQL_BYTES
 ) -> SqlLineage | SqlUnparsed:
     """The tables and column edges of every statement in `sql`; never raises."""
-    size = len(sql.encode("utf-8", "surrogatepass"))
+    size = sql_bytes(sql)
     if size > max_bytes:
         return SqlUnparsed(reason=f"SQL text is {size} bytes, over the {max_bytes} byte limit")
     try:
@@ -149,6 +149,11 @@ def tables_and_columns(
     if len(sql) <= CACHED_SQL_CHARS:
         return _cached_analysis(sql, dialect)
     return _analyse(sql, dialect)
+
+
+def sql_bytes(sql: str) -> int:
+    """The size `max_bytes` limits: UTF-8 bytes, a lone surrogate counting as three."""
+    return len(sql.encode("utf-8", "surrogatepass"))
 
 
 # Dashboards and jobs send the same statements again and again; the result is a pure,

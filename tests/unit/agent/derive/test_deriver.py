@@ -143,6 +143,39 @@ def test_any_records_derive_without_raising(records: list[CaptureRecord]) -> Non
     assert deriver.open_runs == 0
 
 
+def test_long_body_is_redacted_in_time_and_its_secret_never_reaches_an_event() -> None:
+    # Half a MiB of "a-a-a-...": the redaction that scanned from every word start would
+    # take minutes on this excerpt.
+    word = "a-" * 262_144
+    record = make_record(
+        resource="dataset:sales.orders",
+        action="read",
+        body_excerpt=f"{word} https://etl:Zq9hunter2@db.internal/x {word}",
+    )
+    events = Deriver().feed(record)
+    assert [e.dataset_name for e in events if isinstance(e, AccessEvent)] == ["sales.orders"]
+    assert all(b"Zq9hunter2" not in encode(e) for e in events)
+
+
+def test_oversized_sql_is_noted_by_its_captured_size_and_the_record_still_counts() -> None:
+    sql = "ALTER USER etl PASSWORD 'Zq9hunter2'; SELECT id FROM orders WHERE n = 1;" * 20
+    deriver = Deriver(DeriveConfig(max_sql_bytes=len(sql) - 1))
+    events = deriver.feed(
+        make_record(resource="dataset:sales.orders", action="read", sql=sql, traceparent=None)
+    )
+    events.extend(deriver.flush())
+    assert [e.dataset_name for e in events if isinstance(e, AccessEvent)] == ["sales.orders"]
+    complete = [e for e in events if isinstance(e, RunEvent)][-1]
+    # The route's own read is what is known; the SQL is noted with its size as captured.
+    assert [d.name for d in complete.inputs] == ["sales.orders"]
+    facet = complete.run.facets.lineage_sidecar
+    assert facet is not None
+    assert [p.reason for p in facet.unparsed_sql] == [
+        f"SQL text is {len(sql)} bytes, over the {len(sql) - 1} byte limit"
+    ]
+    assert all(b"Zq9hunter2" not in encode(e) for e in events)
+
+
 def test_snapshot_restores_open_runs_exactly() -> None:
     traced = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     records = [

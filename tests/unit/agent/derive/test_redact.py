@@ -246,5 +246,41 @@ def test_hostile_text_is_redacted_without_pathological_work(text: str) -> None:
     assert redact_text(redacted) == redacted
 
 
+# Half a MiB of one long word whose pieces all may start a URL scheme. The userinfo pattern
+# that looked for a scheme from every word start took 9 s on 128 KiB of this; on this much
+# it would take minutes, which is what this test would show as a hang.
+LONG_WORDS = [piece * 262_144 for piece in ("a-", "a.", "a+")]
+
+
+@pytest.mark.parametrize("word", LONG_WORDS, ids=lambda w: repr(w[:2]))
+def test_long_word_around_a_url_is_scanned_once(word: str) -> None:
+    text = f"{word} postgresql://etl:Zq9hunter2@db/sales?sslmode=require {word}://x"
+    assert redact_text(text) == f"{word} postgresql://etl:***@db/sales?sslmode=require {word}://x"
+
+
+# Filler drawn from the characters the patterns treat specially, so that generated text
+# opens quotes, comments and URLs near the secrets and around them.
+FILLER = st.text(string.ascii_letters[:6] + " -.+:/@'\"=$\n", max_size=40)
+TEXT_PLACES = [
+    "https://{user}:{b}@db.example/path",
+    "password={b}",
+    '{{"client_secret": "{b}"}}',
+    "Authorization: Bearer {b}",
+    "ALTER USER {user} PASSWORD '{b}'",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(FILLER, st.sampled_from(TEXT_PLACES)), min_size=1, max_size=6),
+       USER, BARE_SECRET)  # fmt: skip
+def test_secrets_in_text_never_survive_and_redaction_is_idempotent(
+    pieces: list[tuple[str, str]], user: str, secret: str
+) -> None:
+    text = " ".join(f"{filler} {place.format(user=user, b=secret)}" for filler, place in pieces)
+    redacted = redact_text(text)
+    assert secret not in redacted
+    assert redact_text(redacted) == redacted
+
+
 def test_unclosed_quote_after_a_secret_name_masks_the_rest() -> None:
     assert redact_text("x PASSWORD 'hunter2 and more") == "x PASSWORD '***"
