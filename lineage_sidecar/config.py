@@ -10,6 +10,7 @@ declarations (`python -m lineage_sidecar.configdoc`).
 Environment overrides: `LINEAGE_SIDECAR_<SECTION>__<FIELD>[__<FIELD>...]=value`, e.g.
 `LINEAGE_SIDECAR_PROXY__WORKERS=4` or `LINEAGE_SIDECAR_PROXY__TLS__ENABLED=false`. The value
 is read as a YAML scalar or flow collection, so numbers, booleans and `[a, b]` lists work.
+In the file and in overrides, a key given twice in one mapping is refused, not overwritten.
 
 Secrets (`Secret` fields) are given as `file:/path/to/secret` or `env:VARIABLE`, resolved at
 load; an inline value is accepted for development but logged as a warning. A secret file,
@@ -535,6 +536,42 @@ def _dec_hook(kind: type, value: Any) -> Any:
     raise NotImplementedError(f"cannot decode {kind!r}")
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping that gives the same key twice."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """The safe loader, refusing a key given twice in one mapping. YAML requires keys to be
+    unique, but PyYAML keeps the last one silently: a second `proxy:` section further
+    down would replace the first without a word."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                # `<<: *defaults` merges keys that the mapping's own keys may override.
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = first_lines.get(key)
+            except TypeError:
+                continue  # an unhashable key, refused by the constructor below
+            if first is not None:
+                raise DuplicateKeyError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first on line {first})",
+                    key_node.start_mark,
+                )
+            first_lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(text: str) -> Any:
+    """Parse configuration text (a file or an override) with `_ConfigLoader`."""
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506  # a SafeLoader subclass
+
+
 def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
     for name, text in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX):
@@ -543,7 +580,9 @@ def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
         if not all(path):
             raise ConfigError(f"{name}: empty section or field name")
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
+            value = _parse_yaml(text) if text.strip() else ""
+        except DuplicateKeyError as exc:
+            raise ConfigError(f"{name}: {exc.problem}") from None
         except yaml.YAMLError:
             # Not YAML (`a: b: c`, an unclosed quote): the override is that text.
             value = text
@@ -718,7 +757,7 @@ def read_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
     except FileRefused as exc:
         raise ConfigError(f"{source}: {exc}; --config must name a YAML file") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = _parse_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""

@@ -67,3 +67,8 @@ def test_config_that_is_a_device_or_a_fifo(tmp_path: Path) -> None:
     for config, kind in (("/dev/zero", "a character device"), (str(fifo), "a FIFO")):
         line = check(config)
         assert f"{config}: not a regular file ({kind}); --config must name a YAML" in line
+
+
+def test_duplicate_key(tmp_path: Path) -> None:
+    config = write(tmp_path, "proxy: {upstream: 'http://127.0.0.1:1'}\nproxy: {workers: 2}\n")
+    assert check(config).endswith(f"{config}:2: duplicate key 'proxy' (first on line 1)")

@@ -27,6 +27,7 @@ from lineage_sidecar.config import (
     load_process,
     parse_listen,
     parse_upstream,
+    read_mapping,
 )
 
 MINIMAL = {"proxy": {"upstream": "http://127.0.0.1:8001"}}
@@ -450,3 +451,48 @@ def test_config_file_is_read_up_to_its_limit(tmp_path: Path) -> None:
     with memory_ceiling(), pytest.raises(ConfigError) as info:
         load_process(huge, AgentProcessConfig, AGENT_SECTIONS, environ={})
     assert str(info.value) == f"{huge}: larger than 1 MB; this is not a configuration file"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "proxy:\n  upstream: http://a:1\nadmin: {listen: '127.0.0.1:1'}\nproxy: {workers: 2}\n",
+            ":4: duplicate key 'proxy' (first on line 1)",
+        ),
+        (
+            "proxy:\n  upstream: http://a:1\n  tls:\n    enabled: false\n    enabled: true\n",
+            ":5: duplicate key 'enabled' (first on line 4)",
+        ),
+        (
+            "proxy: {upstream: 'http://a:1', workers: 2, workers: 3}\n",
+            ":1: duplicate key 'workers'",
+        ),
+    ],
+)
+def test_duplicate_key_is_refused_with_its_line(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load(path, environ={})
+    assert str(info.value).startswith(f"{path}{message}")
+    with pytest.raises(ConfigError) as info:
+        load_process(path, AgentProcessConfig, AGENT_SECTIONS, environ={})
+    assert str(info.value).startswith(f"{path}{message}")
+
+
+def test_duplicate_key_in_an_environment_override_names_the_variable(tmp_path: Path) -> None:
+    env = {"LINEAGE_SIDECAR_PROXY__TLS": "{enabled: false, enabled: true}"}
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, MINIMAL), environ=env)
+    assert str(info.value) == (
+        "LINEAGE_SIDECAR_PROXY__TLS: duplicate key 'enabled' (first on line 1)"
+    )
+
+
+def test_keys_merged_from_an_anchor_may_be_overridden(tmp_path: Path) -> None:
+    text = (
+        "x-defaults: &limits {max_headers: 50, max_header_bytes: 4096}\n"
+        "proxy:\n  limits:\n    <<: *limits\n    max_headers: 60\n"
+    )
+    raw = read_mapping(write(tmp_path, text))
+    assert raw["proxy"]["limits"] == {"max_headers": 60, "max_header_bytes": 4096}
