@@ -14,6 +14,7 @@ invalid regular expression raise `PolicyError` naming the file and line at build
 denied (fail closed), never raises. Stricter than pycasbin where pycasbin would only fail
 later or silently: policy lines of an undefined type, with too many fields, or with an
 effect other than exactly `allow` or `deny` (pycasbin would ignore the rule) are errors.
+Sizes are bounded so a reload's work is (MAX_FIELD_CHARS, MAX_POLICY_LINES).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from proxy.authz.matching import PatternError
 from proxy.authz.shape import PolicyError, Shape, parse_model
 
 __all__ = [
+    "MAX_FIELD_CHARS",
+    "MAX_POLICY_LINES",
     "AccessRequest",
     "Decision",
     "PolicyEngine",
@@ -57,6 +60,15 @@ Mode = Literal["compiled", "casbin"]
 # such a line is refused. Case is not folded: `Deny` is refused rather than read as
 # `deny`, so the file means the same to this engine, to pycasbin and to a reviewer.
 EFFECT_VALUES: Final = frozenset({"allow", "deny"})
+
+# Bounds on what policy files may hold, far above real policies (10,000 rules and their
+# role lines are about 26,000 lines of 40 characters). Every pattern is compiled at load,
+# and wcmatch's glob translation grows faster than linearly with a pattern's length (one
+# 1.2 MB field took 20 s, 20 MB over 5 minutes, while a reload holds the build lock), so
+# an oversized field or file must be refused before anything is compiled. The admin API
+# takes at most 512 characters per field; files may hold longer hand-written patterns.
+MAX_FIELD_CHARS: Final = 4096
+MAX_POLICY_LINES: Final = 100_000
 
 _NESTING: Final = re.compile(r"[,\[\]\(\)]")
 _REQUEST_FIELDS: Final = ("sub", "obj", "act", "dom")
@@ -93,12 +105,16 @@ class AccessRequest(NamedTuple):
     domain: str | None = None
 
 
-def parse_policy_text(text: str, source: str) -> list[PolicyLine]:
+def parse_policy_text(
+    text: str, source: str, *, max_lines: int = MAX_POLICY_LINES
+) -> list[PolicyLine]:
     """Split a Casbin CSV policy into lines the way pycasbin's file adapter does.
 
     Fields are separated by commas outside brackets and parentheses and stripped; there is
     no quoting. Blank lines and lines starting with `#` are skipped. `source` (a file name)
-    and the 1-based line number become each line's `source`.
+    and the 1-based line number become each line's `source`. A field longer than
+    MAX_FIELD_CHARS, or more than `max_lines` policy lines (what is left of
+    MAX_POLICY_LINES after earlier files), raise `PolicyError` naming the line.
     """
     lines: list[PolicyLine] = []
     for number, raw in enumerate(text.split("\n"), start=1):
@@ -106,11 +122,28 @@ def parse_policy_text(text: str, source: str) -> list[PolicyLine]:
         if not line or line.startswith("#"):
             continue
         where = f"{source}:{number}"
+        if len(lines) >= max_lines:
+            raise PolicyError(
+                f"{where}: the policy files hold more than {MAX_POLICY_LINES:,} rule and "
+                "role lines in all"
+            )
         tokens = _split_fields(line, where)
         if len(tokens) < 2 or not tokens[0]:
             raise PolicyError(f"{where}: expected `type, field, ...`, got {line!r}")
+        if len(line) > MAX_FIELD_CHARS:
+            _check_field_lengths(tokens, where)
         lines.append(PolicyLine(tokens[0], tuple(tokens[1:]), where))
     return lines
+
+
+def _check_field_lengths(tokens: Sequence[str], where: str) -> None:
+    for position, token in enumerate(tokens):
+        if len(token) > MAX_FIELD_CHARS:
+            what = "the type" if position == 0 else f"field {position}"
+            raise PolicyError(
+                f"{where}: {what} is {len(token):,} characters long, more than the "
+                f"{MAX_FIELD_CHARS:,} allowed"
+            )
 
 
 def _split_fields(line: str, where: str) -> list[str]:
@@ -159,6 +192,11 @@ class PolicyEngine:
         shape = parse_model(model_text, model_source)
         self._shape = shape
         self._lines = list(lines)
+        if len(self._lines) > MAX_POLICY_LINES:
+            raise PolicyError(
+                f"{self._lines[MAX_POLICY_LINES].source or '<policy>'}: more than "
+                f"{MAX_POLICY_LINES:,} rule and role lines"
+            )
         self._check_lines(shape)
         self._requires_domain, order = _request_layout(shape, model_source)
         self._request_fields = itemgetter(*order)

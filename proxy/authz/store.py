@@ -35,6 +35,7 @@ from redis.exceptions import RedisError
 
 from proxy.authz.engine import (
     MATCHED_DENY,
+    MAX_POLICY_LINES,
     Decision,
     PolicyEngine,
     PolicyError,
@@ -61,8 +62,9 @@ SETTLE_S: Final = 0.05
 MAX_SETTLE_S: Final = 0.5
 REDIS_RETRY_S: Final = 1.0
 # Far above any real policy (10,000 rules take about 500 KB); a guard against reading
-# something that is not a policy at all into memory.
-MAX_FILE_BYTES: Final = 64 * 1024 * 1024
+# something that is not a policy at all into memory, and a bound on the work one reload
+# does (every policy value is compiled; see engine.MAX_FIELD_CHARS and MAX_POLICY_LINES).
+MAX_FILE_BYTES: Final = 8 * 1024 * 1024
 # Files modified this recently may have changed again without their stats changing (coarse
 # timestamps); their contents are compared at every poll until they are older.
 RACY_NS: Final = 2_000_000_000
@@ -120,7 +122,8 @@ def build_snapshot(
     lines: list[PolicyLine] = []
     try:
         for name, data in policies:
-            lines.extend(parse_policy_text(_decode(name, data), name))
+            budget = MAX_POLICY_LINES - len(lines)
+            lines.extend(parse_policy_text(_decode(name, data), name, max_lines=budget))
         engine = PolicyEngine(model_text, lines, model_source=model[0])
         # Globs compile lazily; a bad one has to fail here, not on some later request.
         engine.warm()
@@ -162,7 +165,7 @@ def _read(path: Path) -> tuple[str, bytes]:
     except OSError as exc:
         raise PolicyLoadError(name, None, f"cannot read: {exc.strerror or exc}") from None
     if len(data) > MAX_FILE_BYTES:
-        raise PolicyLoadError(name, None, f"file is larger than {MAX_FILE_BYTES} bytes")
+        raise PolicyLoadError(name, None, f"file is larger than {MAX_FILE_BYTES:,} bytes")
     return name, data
 
 

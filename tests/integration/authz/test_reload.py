@@ -142,6 +142,26 @@ async def test_a_broken_edit_keeps_the_last_good_policy_until_fixed(
     assert running_store.reloads_ok == 1
 
 
+async def test_an_oversized_field_is_refused_and_the_next_fix_lands(
+    running_store: PolicyStore, policy_dir: Path
+) -> None:
+    """A 1.2 MB glob used to keep the build (and the fix after it) busy for ~20 s."""
+    policy = policy_dir / "policy.csv"
+    good = policy.read_text(encoding="utf-8")
+    serving = running_store.current.version
+    huge = "dataset:" + "a" * 1_200_000
+    replace_atomically(policy, good + f"p, analyst, {huge}, read, allow\n")
+    await eventually(lambda: running_store.reloads_failed == 1, "the oversized field is refused")
+    assert running_store.current.version == serving
+    assert running_store.last_error is not None
+    assert running_store.last_error.line == good.count("\n") + 1
+    assert "more than the 4,096 allowed" in running_store.last_error.reason
+
+    replace_atomically(policy, good + "g, dave, analyst\n")
+    await eventually(lambda: dave_reads_sales(running_store), "the fix is in force")
+    assert running_store.status() is None
+
+
 async def test_a_broken_route_file_keeps_the_routes(
     running_store: PolicyStore, policy_dir: Path
 ) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from lineage_sidecar.policycmd import add_policy_commands
+from proxy.authz.engine import MAX_FIELD_CHARS, MAX_POLICY_LINES
 from proxy.authz.store import PolicyLoadError, load_snapshot
 
 REPO = Path(__file__).resolve().parents[4]
@@ -77,3 +78,42 @@ def test_policy_check_fails_on_a_misspelled_deny(
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith(f"{folder / 'policy.csv'}:2: effect 'Deny'")
+
+
+# -- sizes ----------------------------------------------------------------------------------
+
+
+def test_a_field_longer_than_the_limit_is_refused_before_compiling(folder: Path) -> None:
+    longest = "dataset:" + "a" * (MAX_FIELD_CHARS - len("dataset:"))
+    policy = folder / "policy.csv"
+    policy.write_text(f"g, alice, analyst\np, analyst, {longest}, read, allow\n", "utf-8")
+    snapshot = load_snapshot(folder / "model.conf", [policy], folder / "routes.yaml")
+    assert snapshot.engine.decide("alice", longest, "read").allowed
+
+    policy.write_text(f"g, alice, analyst\np, analyst, {longest}a, read, allow\n", "utf-8")
+    error = load_error(folder)
+    assert (error.file, error.line) == (str(policy), 2)
+    assert error.reason == "field 2 is 4,097 characters long, more than the 4,096 allowed"
+
+
+def test_policy_check_reports_an_oversized_field(
+    folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (folder / "policy.csv").write_text("p, analyst, d:" + "a" * 400_000 + ", read, allow\n")
+
+    assert policy_check(folder) == 1
+    assert capsys.readouterr().err.startswith(f"{folder / 'policy.csv'}:1: field 2 is 400,002")
+
+
+def test_the_line_limit_counts_every_policy_file(folder: Path) -> None:
+    half = MAX_POLICY_LINES // 2 + 10
+    first, second = folder / "policy.csv", folder / "more.csv"
+    first.write_text("".join(f"g, u{i}, analyst\n" for i in range(half)), "utf-8")
+    second.write_text("# more users\n" + "".join(f"g, v{i}, analyst\n" for i in range(half)))
+
+    with pytest.raises(PolicyLoadError) as caught:
+        load_snapshot(folder / "model.conf", [first, second], folder / "routes.yaml")
+
+    # Line 1 of the second file is a comment; its line n+1 is policy line half + n.
+    assert (caught.value.file, caught.value.line) == (str(second), MAX_POLICY_LINES - half + 2)
+    assert "more than 100,000 rule and role lines" in caught.value.reason
