@@ -2,27 +2,40 @@
 the sidecar.
 
 What it promises, for the places a secret travels in traffic:
-* SQL text: the literal after a secret-like keyword (`PASSWORD 'p'`, `IDENTIFIED BY 'p'`,
-  `SECRET 'p'`, `KEY_ID 'p'`, `password => 'p'`, ...), `name=value` pairs whose name looks
-  secret (libpq and ADO connection strings, query strings inside literals), and URLs with
-  userinfo (`postgresql://u:p@h`);
+* SQL text (`redact_sql`) is read as SQL: table and column names are lineage, not secrets,
+  so no name is ever changed and the text stays parseable. Its secrets are literals: the
+  one after a secret-like name (`PASSWORD 'p'`, `IDENTIFIED BY 'p'`, `SECRET 'p'`,
+  `KEY_ID 'p'`, `password => 'p'`, `WHERE api_token = 'p'`, `PASSWORD('p')`, comments
+  allowed in between), in any form (`E'p'`, `N'p'`, `U&'p'`, `$tag$p$tag$`, `"p"` where
+  the dialect quotes strings so), keeps its quotes and gets `***` as content; so does the
+  unquoted password of `IDENTIFIED BY p`. In every other literal and comment, the
+  secrets of free text are masked: connection strings, query strings, URLs.
+* Free text (`redact_text`: body excerpts, tracestate, query values): `name=value`,
+  `name: value`, `"name": "value"` and `name 'value'` pairs whose name looks secret (libpq
+  and ADO connection strings, JSON, YAML), URLs with userinfo (`postgresql://u:p@h`), and
+  `Bearer`/`Basic`/`Token`/`Negotiate` credentials.
 * URLs: the password of the userinfo (all of it when there is no password part: a bare
   token is a common way to authenticate), and query parameters named like
   token/password/secret/key/signature;
 * headers: the configured header names, plus those that always carry credentials.
 
-Redaction is idempotent (redacting twice changes nothing more) and leaves SQL parseable:
-a literal keeps its quotes, only its content becomes `***`. It errs on the side of hiding
-too much: a column literally named `token` compared to a string loses that string.
+Every pattern runs in time linear in the text (hostile request bodies reach it), and
+redaction is idempotent (redacting twice changes nothing more). It errs on the side of
+hiding too much: a column literally named `token` compared to a string loses that string,
+and a quote that never closes after a secret-like name hides the rest of the text. It does
+not pair the columns of `INSERT ... (password) VALUES (...)` with their values: such a
+literal is redacted as free text only.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from urllib.parse import quote_plus, unquote_plus
 
 import msgspec
+from sqlglot.dialects.dialect import Dialect
 
 from agent.capture import CaptureRecord
 
@@ -55,7 +68,9 @@ _SECRET_WORDS = frozenset(
     }
 )
 # ...or when it contains one of these anywhere (`dbpassword`, `refreshtoken`).
-_SECRET_FRAGMENTS = ("passw", "secret", "token", "apikey", "credential", "signature")
+_SECRET_FRAGMENTS = (
+    "passw", "secret", "token", "apikey", "credential", "signature", "privatekey", "accesskey"
+)  # fmt: skip
 
 _WORD_SPLIT = re.compile(r"[^A-Za-z0-9]+|(?<=[a-z0-9])(?=[A-Z])")
 
@@ -78,31 +93,39 @@ def is_secret_name(name: str) -> bool:
     return any(word in _SECRET_WORDS for word in words)
 
 
-# Quoted values are looked for up to this length: it keeps every pattern linear in the
-# text. A secret-named value that opens a quote and does not close it within this many
-# characters masks everything after it (we cannot tell where the secret ends).
-MAX_VALUE_CHARS = 8192
+# Every secret word and fragment above contains one of these: the regex engine skips the
+# names that hold none of them, so `is_secret_name` runs only on a few candidates.
+_CANDIDATE_PIECES = r"(?i:pass|pwd|secret|token|key|sig|cred|auth|identified)"
+
+# --- free text ---------------------------------------------------------------------------
+#
+# Every scan that can fail starts at an anchor (a candidate name, a "://", a scheme word)
+# and its repetitions are possessive, so no character is tried two ways (the one exception,
+# a URL password backing up to its "@", stays within one URL); a quote that does not close
+# after a secret name masks the rest of the text and ends the scan. That keeps each
+# pattern linear in the text.
 
 # Candidate names: a word starting where no other word character precedes it.
-_NAME = re.compile(r"(?<![\w\-.$])[A-Za-z_][\w\-.]*+")
-# A quoted value: SQL string (with '' or backslash escapes; when the backslash reading finds
-# no closing quote, the plain one is tried), double-quoted, or dollar-quoted.
-_LIMIT = f"{{0,{MAX_VALUE_CHARS}}}"
+_NAME = re.compile(r"(?<![\w\-.$])(?=[\w\-.]*?" + _CANDIDATE_PIECES + r")[A-Za-z_][\w\-.]*+")
+_EXPLICIT_SEP = r"\s*+(?:=>|:=|=|:)\s*+"
+_BY = r"\s++BY\s++(?:VALUES\s++)?"
+# An opening for a quoted value: SQL prefixes (`E'p'`, `N'p'`, `U&'p'`), the call in
+# `PASSWORD('p')`, a quote; or a dollar quote.
+_OPENING = r"(?:\(\s*+)?(?:(?:[EN]|U&)?['\"]|\$\w{0,64}\$)"
 _QUOTED = (
-    r"'(?:[^'\\]|\\.|'')" + _LIMIT + "'"
-    r"|'[^']" + _LIMIT + "'"
-    r'|"(?:[^"\\]|\\.)' + _LIMIT + '"'
-    r"|\$(?P<tag>\w{0,64})\$." + _LIMIT + r"?\$(?P=tag)\$"
+    r"(?:\(\s*+)?(?:[EN]|U&)?'(?:[^'\\]++|\\.|'')*+'"
+    r'|(?:\(\s*+)?"(?:[^"\\]++|\\.)*+"'
+    r"|(?:\(\s*+)?\$(?P<tag>\w{0,64})\$.*?\$(?P=tag)\$"
 )
-_EXPLICIT_SEP = r"[ \t]*(?:=>|=|:)[ \t]*|\s+BY\s+"
-# After a secret-like name: `<sep> 'quoted'` with any separator, including a plain space
-# (`PASSWORD 'p'`), or `=bare` with an explicit one (`password=p`, `IDENTIFIED BY p`); a
-# bare word after a space is syntax (`PASSWORD NULL`).
+# After a secret-like name: a quoted value after any separator, a plain space included
+# (`PASSWORD 'p'`); a bare value after an explicit one (`password=p`, `IDENTIFIED BY p`) on
+# the same line, unless it is a call (`= PASSWORD('p')`); or a quote that never closes. A
+# bare word after a plain space is syntax: `PASSWORD NULL`.
 _VALUE = re.compile(
-    r"(?P<closing>[\"'`]?)"
-    r"(?:(?P<sep>" + _EXPLICIT_SEP + r"|\s{1,64})(?P<quoted>" + _QUOTED + r")"
-    r"|(?P<bare_sep>" + _EXPLICIT_SEP + r")(?P<bare>[^\s'\"`;,&)(]+)"
-    r"|(?P<open_sep>" + _EXPLICIT_SEP + r"|\s{1,64})(?P<unclosed>['\"]|\$\w{0,64}\$))",
+    r"(?P<closing>[\"'`\]]?)"
+    r"(?:(?P<sep>" + _EXPLICIT_SEP + "|" + _BY + r"|\s*+)(?P<quoted>" + _QUOTED + ")"
+    r"|(?P<bare_sep>[ \t]*+(?:=>|:=|=|:)[ \t]*+|" + _BY + r")(?P<bare>[^\s'\"`;,&)(]++)(?!\()"
+    r"|(?P<open_sep>" + _EXPLICIT_SEP + "|" + _BY + r"|\s*+)(?P<unclosed>" + _OPENING + "))",
     re.IGNORECASE | re.DOTALL,
 )
 # Userinfo is looked for only right after a "://": scanning for a scheme from every word
@@ -111,7 +134,9 @@ _VALUE = re.compile(
 _URL_USERINFO = re.compile(
     r"(?P<scheme>://)(?P<user>[^\s/?#@:'\"]*+)(?::(?P<password>[^\s/?#'\"]*))?@"
 )
-_BEARER = re.compile(r"\b(?P<kind>Bearer|Basic|Token|Negotiate)\s++[A-Za-z0-9\-._~+/=]++", re.I)
+_BEARER = re.compile(
+    r"\b(?P<kind>Bearer|Basic|Token|Negotiate)[ \t]++[A-Za-z0-9\-._~+/]++=*+", re.IGNORECASE
+)
 
 
 def _mask_value(value: re.Match[str]) -> str:
@@ -121,8 +146,12 @@ def _mask_value(value: re.Match[str]) -> str:
     if value["unclosed"] is not None:
         return f"{closing}{value['open_sep']}{value['unclosed']}{MASK}"
     quoted = value["quoted"]
-    opening = f"${value['tag'] or ''}$" if quoted.startswith("$") else quoted[0]
-    return f"{closing}{value['sep']}{opening}{MASK}{opening}"
+    tag = value["tag"]
+    if tag is not None:
+        opening = quoted[: quoted.index("$") + len(tag) + 2]
+        return f"{closing}{value['sep']}{opening}{MASK}${tag}$"
+    quote = quoted[-1]
+    return f"{closing}{value['sep']}{quoted[: quoted.index(quote) + 1]}{MASK}{quote}"
 
 
 def _mask_assignments(text: str) -> str:
@@ -137,8 +166,7 @@ def _mask_assignments(text: str) -> str:
         if value is None:
             continue
         pieces.append(text[position : name.end()])
-        masked = _mask_value(value)
-        pieces.append(masked)
+        pieces.append(_mask_value(value))
         position = value.end() if value["unclosed"] is None else len(text)
     pieces.append(text[position:])
     return "".join(pieces)
@@ -154,15 +182,218 @@ def _mask_userinfo(match: re.Match[str]) -> str:
 
 
 def redact_text(text: str) -> str:
-    """Mask secrets in free text: SQL, a body excerpt, a connection string, a URL."""
+    """Mask secrets in free text: a body excerpt, a connection string, a URL, a header."""
     text = _BEARER.sub(lambda m: f"{m['kind']} {MASK}", text)
     text = _URL_USERINFO.sub(_mask_userinfo, text)
     return _mask_assignments(text)
 
 
-def redact_sql(sql: str) -> str:
-    """Mask secrets in SQL text, keeping it parseable."""
-    return redact_text(sql)
+# --- SQL ---------------------------------------------------------------------------------
+#
+# SQL is read as tokens: comments, literals, quoted identifiers and candidate names; what
+# lies between them is copied as it is. Names are never changed. A literal right after a
+# secret-like name (and a separator, `BY`, a call's parenthesis or comments) has its content
+# masked; any other literal or comment has its content redacted as free text.
+
+_SQL_COMMENT = r"--[^\n]*+|/\*(?:[^*]++|\*(?!/))*+(?:\*/)?"
+# Whitespace and comments, possessively: what may stand between a name and its value.
+_SQL_GAP = r"(?:\s++|--[^\n]*+|/\*(?:[^*]++|\*(?!/))*+(?:\*/)?)*+"
+_SQL_WORD = r"[^\W\d][\w$]*+"
+# From the end of a secret-like name to where its value starts: `]` (of `[password]`),
+# then `<comparison>`, optionally a function's name (`= crypt('p')`), or `BY` (optionally
+# `VALUES`), then optionally `(` (`PASSWORD('p')`).
+_SQL_VALUE_START = re.compile(
+    r"\]?"
+    + _SQL_GAP
+    + r"(?:(?P<sep>=>|:=|==|!=|<>|<=|>=|=|<|>|:|(?:NOT\s++)?I?LIKE(?![\w$]))"
+    + _SQL_GAP
+    + "(?:"
+    + _SQL_WORD
+    + _SQL_GAP
+    + r"(?=\())?"
+    r"|(?P<by>BY)(?![\w$])" + _SQL_GAP + r"(?:VALUES(?![\w$])" + _SQL_GAP + ")?)?"
+    r"(?:\(" + _SQL_GAP + ")?",
+    re.IGNORECASE,
+)
+# The unquoted password of `IDENTIFIED BY p`.
+_SQL_BARE_PASSWORD = re.compile(r"[^\s;,()'\"`]++")
+# Hex and bit strings hold no text: their content is removed, since `***` is no hex.
+_BINARY_PREFIXES = frozenset("XxBb")
+_UNESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "b": "\b"}
+_ESCAPES = {char: f"\\{code}" for code, char in _UNESCAPES.items()} | {"\\": "\\\\"}
+
+
+class _SqlSyntax:
+    """How one dialect quotes: whether strings take backslash escapes, what `"` quotes."""
+
+    def __init__(self, backslash_escapes: bool, double_quoted_strings: bool) -> None:
+        self.backslash_escapes = backslash_escapes
+        self.double_quoted_strings = double_quoted_strings
+        double = _sql_quoted('"', "d_close", backslash_escapes and double_quoted_strings)
+        self.tokens = re.compile(
+            "(?P<comment>" + _SQL_COMMENT + ")"
+            r"|(?P<e_string>(?<![\w$])[Ee]" + _sql_quoted("'", "e_close", True) + ")"
+            r"|(?P<string>(?:(?<![\w$])(?:[NnXxBb]|[Uu]&))?"
+            + _sql_quoted("'", "s_close", backslash_escapes)
+            + ")"
+            "|(?P<double>" + double + ")"
+            "|(?P<backquoted>" + _sql_quoted("`", "b_close", False) + ")"
+            r"|(?P<dollar>(?<![\w$])\$(?:[^\W\d]\w*+)?\$)"
+            r"|(?P<name>(?<![\w$])(?=[\w$]*?" + _CANDIDATE_PIECES + ")" + _SQL_WORD + ")",
+        )
+
+
+def _sql_quoted(quote: str, close_group: str, backslash_escapes: bool) -> str:
+    q = re.escape(quote)
+    # A backslash escapes any character, a lone one at the very end included.
+    escaped = r"|\\(?s:.)?" if backslash_escapes else ""
+    body = rf"(?:[^{q}\\]++{escaped}|{q}{q})*+" if backslash_escapes else rf"(?:[^{q}]++|{q}{q})*+"
+    return f"{q}{body}(?P<{close_group}>{q})?"
+
+
+@functools.lru_cache(maxsize=64)
+def _sql_syntax(dialect: str | None) -> _SqlSyntax:
+    try:
+        tokenizer = Dialect.get_or_raise(dialect).tokenizer_class
+    except ValueError:
+        # An unknown dialect gives no lineage either; read its quotes the common way.
+        tokenizer = Dialect.get_or_raise(None).tokenizer_class
+    return _SqlSyntax(
+        backslash_escapes="\\" in tokenizer.STRING_ESCAPES,
+        double_quoted_strings='"' in tokenizer.QUOTES and '"' not in tokenizer.IDENTIFIERS,
+    )
+
+
+def _unescape(content: str, quote: str, backslash_escapes: bool) -> str:
+    doubled = quote + quote
+    if not backslash_escapes:
+        return content.replace(doubled, quote)
+    return re.sub(
+        r"\\(.)|" + re.escape(doubled),
+        lambda m: quote if m[1] is None else _UNESCAPES.get(m[1], m[1]),
+        content,
+        flags=re.DOTALL,
+    )
+
+
+def _escape(content: str, quote: str, backslash_escapes: bool) -> str:
+    if not backslash_escapes:
+        return content.replace(quote, quote + quote)
+    # Escapes other than these come back as the character they stand for: the content of
+    # a literal that held a secret may be spelled differently, never read differently.
+    return re.sub(
+        r"[\\\n\t\r\0\b" + re.escape(quote) + "]",
+        lambda m: _ESCAPES.get(m[0], "\\" + m[0]),
+        content,
+    )
+
+
+def _redact_content(content: str, quote: str, backslash_escapes: bool) -> str:
+    """A literal's or comment's content with secrets masked, escaped as it was."""
+    if not quote:
+        return redact_text(content)
+    text = _unescape(content, quote, backslash_escapes)
+    redacted = redact_text(text)
+    return content if redacted == text else _escape(redacted, quote, backslash_escapes)
+
+
+def redact_sql(sql: str, dialect: str | None = None) -> str:
+    """Mask secrets in SQL text, keeping every name and keeping it parseable."""
+    syntax = _sql_syntax(dialect)
+    pieces: list[str] = []
+    position = 0
+    # Where the value of the last secret-like name starts, and whether it came after `BY`.
+    value_at, after_by = -1, False
+    while (token := syntax.tokens.search(sql, position)) is not None:
+        kind, start, end = token.lastgroup, token.start(), token.end()
+        pieces.append(sql[position:start])
+        name: str | None = None
+        if kind == "comment":
+            pieces.append(_redact_comment(token.group(0)))
+        elif kind == "name":
+            name = token.group(0)
+            pieces.append(name)
+        else:
+            literal = _read_literal(sql, token, syntax)
+            if literal.is_name and literal.closing and start != value_at:
+                name = literal.content
+                pieces.append(token.group(0))
+            else:
+                pieces.append(literal.redacted(secret=start == value_at, after_by=after_by))
+                end = literal.end
+        if name is not None and is_secret_name(name):
+            value = _SQL_VALUE_START.match(sql, end)
+            assert value is not None  # every part of the pattern is optional
+            value_at, after_by = value.end(), value["by"] is not None
+            following = syntax.tokens.match(sql, value_at)
+            bare = _SQL_BARE_PASSWORD.match(sql, value_at) if after_by else None
+            if bare is not None and (following is None or following.lastgroup == "name"):
+                pieces.append(redact_text(sql[end:value_at]) + MASK)
+                end = bare.end()
+        position = end
+    pieces.append(sql[position:])
+    return "".join(pieces)
+
+
+_CLOSE_GROUPS = {"e_string": "e_close", "string": "s_close", "double": "d_close",
+                 "backquoted": "b_close"}  # fmt: skip
+
+
+class _Literal(msgspec.Struct, frozen=True):
+    """A quoted token of SQL: a string, or a quoted name standing where a value may be."""
+
+    kind: str
+    opening: str
+    content: str
+    closing: str  # empty when the quote never closes: then the literal runs to the end
+    end: int
+    quote: str  # the quote doubled inside it; empty for dollar quotes
+    backslash_escapes: bool
+    is_name: bool
+
+    def redacted(self, *, secret: bool, after_by: bool) -> str:
+        if not secret:
+            content = _redact_content(self.content, self.quote, self.backslash_escapes)
+        elif self.is_name and not after_by:
+            content = self.content  # `password = "other_column"`; only `BY "p"` is secret
+        elif self.kind == "string" and self.opening[0] in _BINARY_PREFIXES:
+            content = ""
+        else:
+            content = MASK
+        return f"{self.opening}{content}{self.closing}"
+
+
+def _read_literal(sql: str, token: re.Match[str], syntax: _SqlSyntax) -> _Literal:
+    kind, text, end = token.lastgroup or "", token.group(0), token.end()
+    if kind == "dollar":
+        closing_at = sql.find(text, end)
+        content_end = len(sql) if closing_at < 0 else closing_at
+        closing = "" if closing_at < 0 else text
+        return _Literal(kind, text, sql[end:content_end], closing, content_end + len(closing),
+                        quote="", backslash_escapes=False, is_name=False)  # fmt: skip
+    quote = text[-1] if kind in ("double", "backquoted") else "'"
+    opening = text[: text.index(quote) + 1]
+    closing = quote if token[_CLOSE_GROUPS[kind]] is not None else ""
+    backslash_escapes = kind == "e_string" or (
+        syntax.backslash_escapes and kind in ("string", "double")
+    )
+    return _Literal(
+        kind,
+        opening,
+        text[len(opening) : len(text) - len(closing)],
+        closing,
+        end if closing else len(sql),
+        quote=quote,
+        backslash_escapes=backslash_escapes,
+        is_name=kind == "backquoted" or (kind == "double" and not syntax.double_quoted_strings),
+    )
+
+
+def _redact_comment(comment: str) -> str:
+    closed = comment.startswith("/*") and len(comment) >= 4 and comment.endswith("*/")
+    closing = "*/" if closed else ""
+    inner = comment[2 : len(comment) - len(closing)]
+    return comment[:2] + redact_text(inner) + closing
 
 
 def redact_query(query: str) -> str:
@@ -205,7 +436,7 @@ def redact_record(record: CaptureRecord, rules: RedactionRules) -> CaptureRecord
     return msgspec.structs.replace(
         record,
         query=redact_query(record.query),
-        sql=None if record.sql is None else redact_sql(record.sql),
+        sql=None if record.sql is None else redact_sql(record.sql, record.sql_dialect),
         body_excerpt=None if record.body_excerpt is None else redact_text(record.body_excerpt),
         correlation=redact_headers(record.correlation, rules),
         tracestate=None if record.tracestate is None else redact_text(record.tracestate),

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from agent.capture import CaptureRecord
 from agent.derive import DeriveConfig, Deriver
-from agent.derive.redact import RedactionRules
+from agent.derive.redact import RedactionRules, redact_record
 from agent.derive.runs import RunConfig
 from agent.events import AccessEvent, LineageEvent, RunEvent, encode
 from tests.unit.agent.factories import SECOND, T0, make_record, traceparent
@@ -141,6 +141,59 @@ def test_any_records_derive_without_raising(records: list[CaptureRecord]) -> Non
     deriver.tick(2**70)
     assert deriver.flush() == []
     assert deriver.open_runs == 0
+
+
+def column_edges(event: RunEvent) -> set[tuple[str, str, str, str]]:
+    """(output dataset, output column, input dataset, input column) of a run event."""
+    return {
+        (output.name, column, source.name, source.field)
+        for output in event.outputs
+        if output.facets.column_lineage is not None
+        for column, field in output.facets.column_lineage.fields.items()
+        for source in field.input_fields
+    }
+
+
+@pytest.mark.parametrize(
+    ("sql", "reads", "writes", "edges"),
+    [
+        ("SELECT token FROM sales.sessions", ["sales.sessions"], [], set()),
+        ("SELECT basic, negotiate, bearer FROM sales.plans", ["sales.plans"], [], set()),
+        ("SELECT id FROM sales.users WHERE token = 'Zq9abc'", ["sales.users"], [], set()),
+        (
+            "SELECT u.id FROM sales.users u JOIN sales.sessions s ON s.token = u.token",
+            ["sales.sessions", "sales.users"], [], set(),
+        ),
+        (
+            "SELECT * FROM sales.users WHERE password_hash = crypt('Zq9abc', password_hash)",
+            ["sales.users"], [], set(),
+        ),
+        (
+            "UPDATE sales.t SET secret_id = s.id FROM sales.s WHERE t.key = s.key",
+            ["sales.s"], ["sales.t"], {("sales.t", "secret_id", "sales.s", "id")},
+        ),
+        (
+            "INSERT INTO sales.report (k, v) SELECT a.key, b.v FROM sales.a a "
+            "JOIN sales.b b ON a.key = b.key WHERE b.token = 'Zq9abc'",
+            ["sales.a", "sales.b"], ["sales.report"],
+            {("sales.report", "k", "sales.a", "key"), ("sales.report", "v", "sales.b", "v")},
+        ),
+    ],
+)  # fmt: skip
+def test_secret_like_names_keep_their_lineage_and_lose_their_literals(
+    sql: str, reads: list[str], writes: list[str], edges: set[tuple[str, str, str, str]]
+) -> None:
+    record = make_record(sql=sql, sql_dialect="postgres", resource="database:sales", action="query")
+    deriver = Deriver()
+    events = [*deriver.feed(record), *deriver.flush()]
+    complete = [e for e in events if isinstance(e, RunEvent)][-1]
+    assert [d.name for d in complete.inputs] == reads
+    assert [d.name for d in complete.outputs] == writes
+    assert column_edges(complete) == edges
+    facet = complete.run.facets.lineage_sidecar
+    assert facet is not None
+    assert facet.unparsed_sql == ()
+    assert "Zq9abc" not in str(redact_record(record, RedactionRules()).sql)
 
 
 def test_long_body_is_redacted_in_time_and_its_secret_never_reaches_an_event() -> None:
