@@ -100,10 +100,9 @@ _CANDIDATE_PIECES = r"(?i:pass|pwd|secret|token|key|sig|cred|auth|identified)"
 # --- free text ---------------------------------------------------------------------------
 #
 # Every scan that can fail starts at an anchor (a candidate name, a "://", a scheme word)
-# and its repetitions are possessive, so no character is tried two ways (the one exception,
-# a URL password backing up to its "@", stays within one URL); a quote that does not close
-# after a secret name masks the rest of the text and ends the scan. That keeps each
-# pattern linear in the text.
+# and its repetitions are possessive, so no character is tried two ways; a quote that does
+# not close after a secret name masks the rest of the text and ends the scan. That keeps
+# each pattern linear in the text.
 
 # Candidate names: a word starting where no other word character precedes it.
 _NAME = re.compile(r"(?<![\w\-.$])(?=[\w\-.]*?" + _CANDIDATE_PIECES + r")[A-Za-z_][\w\-.]*+")
@@ -128,12 +127,13 @@ _VALUE = re.compile(
     r"|(?P<open_sep>" + _EXPLICIT_SEP + "|" + _BY + r"|\s*+)(?P<unclosed>" + _OPENING + "))",
     re.IGNORECASE | re.DOTALL,
 )
-# Userinfo is looked for only right after a "://": scanning for a scheme from every word
-# start would rescan the rest of a long word (`a-a-a-...`) at each of its letters. Neither
-# part can hold a "/", so each attempt ends before the next "://" begins.
-_URL_USERINFO = re.compile(
-    r"(?P<scheme>://)(?P<user>[^\s/?#@:'\"]*+)(?::(?P<password>[^\s/?#'\"]*))?@"
-)
+# Userinfo is looked for only right after a "://" (scanning for a scheme from every word
+# start rescans the rest of a long word at each of its letters). The user part holds no
+# "/", so it ends before the next "://". The password may hold "/" and "@" (people paste
+# them unencoded): it runs to the last "@" before the URL ends.
+_URL_MARK = re.compile("://")
+_URL_USER_END = re.compile(r"[\s/?#@:'\"]")
+_URL_END = re.compile(r"[\s?#'\"]")
 _BEARER = re.compile(
     r"\b(?P<kind>Bearer|Basic|Token|Negotiate)[ \t]++[A-Za-z0-9\-._~+/]++=*+", re.IGNORECASE
 )
@@ -172,19 +172,38 @@ def _mask_assignments(text: str) -> str:
     return "".join(pieces)
 
 
-def _mask_userinfo(match: re.Match[str]) -> str:
-    scheme, user, password = match["scheme"], match["user"], match["password"]
-    if password is not None:
-        return f"{scheme}{user}:{MASK}@"
-    if not user:
-        return match.group(0)
-    return f"{scheme}{MASK}@"
+def _mask_userinfo(text: str) -> str:
+    pieces: list[str] = []
+    position = 0
+    # The end of the URL the last password was looked for in, and its last "@": a later
+    # password starting before that end shares both, so no stretch is scanned twice.
+    url_end, last_at = -1, -1
+    for mark in _URL_MARK.finditer(text):
+        user_start = mark.end()
+        if user_start < position:
+            continue
+        found = _URL_USER_END.search(text, user_start)
+        user_end = len(text) if found is None else found.start()
+        following = text[user_end : user_end + 1]
+        if following == "@" and user_end > user_start:
+            pieces.append(text[position:user_start] + MASK)
+            position = user_end
+        elif following == ":":
+            if user_end >= url_end:
+                end = _URL_END.search(text, user_end)
+                url_end = len(text) if end is None else end.start()
+                last_at = text.rfind("@", user_end, url_end)
+            if last_at > user_end:
+                pieces.append(text[position : user_end + 1] + MASK)
+                position = last_at
+    pieces.append(text[position:])
+    return "".join(pieces)
 
 
 def redact_text(text: str) -> str:
     """Mask secrets in free text: a body excerpt, a connection string, a URL, a header."""
     text = _BEARER.sub(lambda m: f"{m['kind']} {MASK}", text)
-    text = _URL_USERINFO.sub(_mask_userinfo, text)
+    text = _mask_userinfo(text)
     return _mask_assignments(text)
 
 
@@ -419,7 +438,7 @@ def redact_query(query: str) -> str:
 def redact_url(url: str) -> str:
     """Mask the userinfo password (or bare token) and secret query parameters of a URL."""
     base, question, rest = url.partition("?")
-    base = _URL_USERINFO.sub(_mask_userinfo, base)
+    base = _mask_userinfo(base)
     if not question:
         return base
     query, hash_mark, fragment = rest.partition("#")

@@ -119,6 +119,27 @@ def test_url_userinfo_and_secret_parameters() -> None:
     assert redact_url("https://ghp_abc@github.com/x") == "https://***@github.com/x"
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("postgres://etl:hun/ter2@db/sales", "postgres://etl:***@db/sales"),
+        ("https://etl:p@ss@db.example/x", "https://etl:***@db.example/x"),
+        ("redis://:hunter2@cache:6379", "redis://:***@cache:6379"),
+        ('{"password":\n  "hunter2"}', '{"password":\n  "***"}'),
+        ("UPDATE users SET [password]='hunter2'", "UPDATE users SET [password]='***'"),
+        ("privatekey=hunter2&accessKey=hunter3", "privatekey=***&accessKey=***"),
+        ("SET PASSWORD = PASSWORD('hunter2')", "SET PASSWORD = PASSWORD('***')"),
+        ("ALTER USER bob WITH PASSWORD E'hun\\'ter2'", "ALTER USER bob WITH PASSWORD E'***'"),
+        ("password: ok\nnext: 1", "password: ***\nnext: 1"),
+        # Not secrets: a URL with a port and no userinfo stays as it is.
+        ("https://db.example:8443/x/y?z=1", "https://db.example:8443/x/y?z=1"),
+    ],
+)
+def test_redact_text_misses_found_by_the_hunt(text: str, expected: str) -> None:
+    assert redact_text(text) == expected
+    assert redact_text(expected) == expected
+
+
 def test_query_value_holding_encoded_sql_is_redacted_inside_the_encoding() -> None:
     redacted = redact_query("sql=CREATE+USER+u+PASSWORD+%27hunter2%27&_shape=array")
     assert "hunter2" not in redacted
@@ -263,6 +284,9 @@ HOSTILE_TEXTS = [
     "a://x:" + "y" * 250_000,
     "$$" * 100_000,
     "password $$" + "x" * 250_000,
+    "a://x:" * 50_000,
+    "://u:p@" * 40_000,
+    "://" + "x:/" * 90_000,
 ]
 
 
