@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from agent.capture import Decision
 from agent.derive.routes import (
     ColumnLink,
     DatasetAccess,
@@ -115,6 +118,24 @@ def test_denied_request_has_no_lineage_but_is_audited() -> None:
         ("sales.orders.orders", "read", "deny"),
     }
     assert all(e.principal == "mallory" and e.status == 403 for e in events)
+
+
+@pytest.mark.parametrize("decision", ["unauthenticated", "error"])
+def test_sql_of_a_request_refused_before_anyone_was_identified_is_not_analysed(
+    decision: Decision,
+) -> None:
+    record = make_record(
+        principal=None,
+        resource="dataset:sales.orders",
+        action="read",
+        decision=decision,
+        status=401,
+        sql="SELECT * FROM orders JOIN customers USING (id)",
+    )
+    lineage = request_lineage(record)
+    assert not lineage.has_lineage
+    # Only the route's own dataset: no table named by the SQL.
+    assert [(a.dataset.name, a.action) for a in lineage.accesses] == [("sales.orders", "read")]
 
 
 def test_upstream_client_error_is_not_lineage() -> None:
