@@ -9,7 +9,8 @@ wcmatch is slow to compile) on first use or `warm()`. The results are exactly th
 `casbin.util.builtin_operators` in pycasbin 2.8, including its quirks: keyMatch2 and
 regexMatch patterns are regular expressions, so `.` in a keyMatch2 path matches any
 character and `$` also matches before a final newline; regexMatch is anchored at the start
-only (`re.match`), never at the end.
+only (`re.match`), never at the end. A regular expression that may backtrack
+catastrophically (see `backtracking.py`) is refused like an invalid one.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from typing import Final
 
 import wcmatch.glob as wcglob
+
+from proxy.authz.backtracking import backtracking_risk
 
 Predicate = Callable[[str], bool]
 
@@ -189,6 +192,11 @@ def _regex_predicate(expression: str, policy_value: str) -> Predicate:
         compiled = re.compile(expression)
     except (re.error, RecursionError, OverflowError) as exc:
         raise PatternError(f"{policy_value!r} is not a valid regular expression: {exc}") from exc
+    # Matched against client-chosen values on the event loop: a pattern that can take
+    # exponential (`(a+)+$`) or high polynomial time is refused like an invalid one.
+    risk = backtracking_risk(expression)
+    if risk is not None:
+        raise PatternError(f"{policy_value!r} may backtrack catastrophically: {risk}")
     match = compiled.match
     return lambda key: match(key) is not None
 

@@ -78,9 +78,12 @@ class Api:
         ]
 
 
-async def start_api(folder: Path, **options: Any) -> tuple[TestServer, PolicyStore, AuditLog]:
-    for name in ("model.conf", "policy.csv", "routes.yaml"):
-        shutil.copy(REPO / "policies" / name, folder / name)
+async def start_api(
+    folder: Path, *, copy: bool = True, **options: Any
+) -> tuple[TestServer, PolicyStore, AuditLog]:
+    if copy:
+        for name in ("model.conf", "policy.csv", "routes.yaml"):
+            shutil.copy(REPO / "policies" / name, folder / name)
     store = make_store(folder)
     audit = AuditLog(folder / "audit" / "admin.jsonl")
     app = admin_api(
@@ -383,3 +386,34 @@ async def test_a_change_is_announced_to_other_workers(redis_url: str, tmp_path: 
         with pytest.raises(asyncio.CancelledError):
             await listening
         await server.close()
+
+
+async def test_a_regex_rule_that_may_backtrack_catastrophically_is_refused(
+    tmp_path: Path,
+) -> None:
+    server, store, audit = await start_api(tmp_path)
+    await server.close()
+    model = (tmp_path / "model.conf").read_text(encoding="utf-8")
+    (tmp_path / "model.conf").write_text(
+        model.replace("globMatch(r.obj, p.obj)", "regexMatch(r.obj, p.obj)"), encoding="utf-8"
+    )
+    (tmp_path / "policy.csv").write_text(
+        "p, admin, policy:admin, *, allow\ng, carol, admin\n", encoding="utf-8"
+    )
+    server, store, audit = await start_api(tmp_path, copy=False)
+    policy = tmp_path / "policy.csv"
+    before = policy.read_bytes()
+    async with aiohttp.ClientSession() as session:
+        api = Api(session, str(server.make_url("")), store, policy, audit)
+        rule = {"fields": ["analyst", "dataset:sales\\.(a+)+$", "read", "allow"]}
+        status, body = await api.call("POST", "/policies", rule)
+        assert (status, body["error"]) == (400, "invalid_policy")
+        assert "may backtrack catastrophically: nested repetition" in body["message"]
+        assert policy.read_bytes() == before
+        status, _ = await api.call(
+            "POST",
+            "/policies",
+            {"fields": ["analyst", "dataset:sales\\..*", "read", "allow"]},
+        )
+        assert status == 201
+    await server.close()
