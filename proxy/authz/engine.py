@@ -127,6 +127,9 @@ def parse_policy_text(
                 f"{where}: the policy files hold more than {MAX_POLICY_LINES:,} rule and "
                 "role lines in all"
             )
+        if "\x00" in line:
+            # A field holding NUL can never equal a request value (paths refuse NUL).
+            raise PolicyError(f"{where}: a NUL character in a policy line")
         tokens = _split_fields(line, where)
         if len(tokens) < 2 or not tokens[0]:
             raise PolicyError(f"{where}: expected `type, field, ...`, got {line!r}")

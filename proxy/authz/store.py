@@ -170,8 +170,10 @@ def _read(path: Path) -> tuple[str, bytes]:
 
 
 def _decode(name: str, data: bytes) -> str:
+    # A UTF-8 byte order mark (some Windows editors write one) is not part of the text:
+    # pycasbin would read it into the first section header or policy type.
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise PolicyLoadError(name, line, "not valid UTF-8") from None

@@ -117,3 +117,26 @@ def test_the_line_limit_counts_every_policy_file(folder: Path) -> None:
     # Line 1 of the second file is a comment; its line n+1 is policy line half + n.
     assert (caught.value.file, caught.value.line) == (str(second), MAX_POLICY_LINES - half + 2)
     assert "more than 100,000 rule and role lines" in caught.value.reason
+
+
+# -- encoding -------------------------------------------------------------------------------
+
+
+def test_a_nul_inside_a_field_is_refused(folder: Path) -> None:
+    policy = "g, alice, analyst\np, analyst, data\x00set:x, read, allow\n"
+    (folder / "policy.csv").write_text(policy, encoding="utf-8")
+
+    error = load_error(folder)
+
+    assert (error.file, error.line) == (str(folder / "policy.csv"), 2)
+    assert "NUL" in error.reason
+
+
+def test_a_utf8_byte_order_mark_is_ignored(folder: Path) -> None:
+    for name in ("model.conf", "policy.csv"):
+        path = folder / name
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+
+    snapshot = load_snapshot(folder / "model.conf", [folder / "policy.csv"], folder / "routes.yaml")
+
+    assert snapshot.engine.decide("analyst", "dataset:sales.orders", "read").allowed
