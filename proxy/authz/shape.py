@@ -110,8 +110,26 @@ class Shape:
         return self.policy_fields.index("eft") if "eft" in self.policy_fields else None
 
 
+# Every section pycasbin reads; it keeps any other silently, and ignores what is in it.
+MODEL_SECTIONS: Final = frozenset(
+    {"request_definition", "policy_definition", "role_definition", "policy_effect", "matchers"}
+)
+
+
+def _check_section_names(text: str, source: str) -> None:
+    """Refuse a section pycasbin would keep and never read (`[matcher]`, `[foo]`): what is
+    written under it would have no effect. Lines are read as pycasbin's config reader
+    reads them: stripped, `#` and `;` start comments, `[name]` is a section header."""
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if line[:1] == "[" and line[-1:] == "]" and line[1:-1] not in MODEL_SECTIONS:
+            known = ", ".join(f"[{name}]" for name in sorted(MODEL_SECTIONS))
+            raise PolicyError(f"{source}:{number}: unknown section {line}; a model has {known}")
+
+
 def parse_model(text: str, source: str) -> Shape:
     """Parse and check a model; raise `PolicyError` naming `source` when it is unusable."""
+    _check_section_names(text, source)
     model = Model()
     try:
         model.load_model_from_text(text)

@@ -286,6 +286,9 @@ def test_fallback_denies_when_pycasbin_cannot_evaluate_the_request() -> None:
         (RBAC_DENY.replace("&& r.act", "&& (r.act"), "not a valid expression"),
         (RBAC_DENY.replace("e = some", "e = most"), "unsupported [policy_effect]"),
         ("[matchers]\nthis line has no equals sign\n", "model.conf"),
+        # pycasbin keeps a misspelt section and never reads what is under it.
+        (RBAC_DENY + "\n[matcher]\nm = true\n", "unknown section [matcher]"),
+        ("[foo]\n" + RBAC_DENY, "model.conf:1: unknown section [foo]"),
     ],
 )
 def test_broken_model_is_rejected_with_a_message_naming_the_problem(
