@@ -236,6 +236,14 @@ def _check_query(raw_query: bytes) -> str:
     return query
 
 
+def folds_ambiguously(text: str, *, whole_segment: bool = True) -> bool:
+    """Whether compatibility folding (NFKC), which some servers apply to paths, changes
+    what `text` means: "\uff0e\uff0e" becomes "..", "\uff0f" becomes "/" there. With
+    `whole_segment` False, `text` is only part of a segment, and folding to dots is fine."""
+    folded = unicodedata.normalize("NFKC", text)
+    return (whole_segment and folded in (".", "..")) or any(c in folded for c in _NFKC_FORBIDDEN)
+
+
 def _decode_segment(raw_segment: bytes) -> str:
     """Percent-decode one raw segment exactly once and check what it decodes to."""
     if b"\\" in raw_segment:
@@ -257,10 +265,7 @@ def _decode_segment(raw_segment: bytes) -> str:
         raise PathRejected("NUL or control character in path", code="control_char")
     if "#" in segment:
         raise PathRejected("'%23' ('#') is not allowed in a path", code="fragment")
-    # Some servers apply compatibility folding (NFKC) to paths: "\uff0e\uff0e" becomes ".."
-    # and "\uff0f" becomes "/" there. Refuse what would change meaning that way.
-    folded = unicodedata.normalize("NFKC", segment)
-    if folded in (".", "..") or any(c in folded for c in _NFKC_FORBIDDEN):
+    if folds_ambiguously(segment):
         raise PathRejected(
             "path segment contains characters that fold to '/', '\\', '?', '#', '%' or dots",
             code="ambiguous_unicode",

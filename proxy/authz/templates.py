@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, TypeAlias
 
-from proxy.authz.paths import fold_case
+from proxy.authz.paths import fold_case, folds_ambiguously
 
 __all__ = [
     "MAX_TEMPLATE_LENGTH",
@@ -193,6 +193,12 @@ def _check_literal(text: str, template: str, *, case_insensitive: bool, part: bo
         )
     if case_insensitive and not text.isascii():
         raise ValueError(f"case-insensitive template {template!r} must have ASCII literals")
+    if not text.isascii() and folds_ambiguously(text, whole_segment=not part):
+        # normalize_path refuses every request path holding it: the route could never match.
+        raise ValueError(
+            f"path template {template!r} has {text!r}, which folds (NFKC) to dots, '/', '\\', "
+            "'?', '#' or '%'; request paths holding it are refused"
+        )
 
 
 # -- resource templates ---------------------------------------------------------------------

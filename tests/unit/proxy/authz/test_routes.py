@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import json
 import textwrap
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import yaml
@@ -428,6 +430,9 @@ def one_route(body: str) -> str:
         ('{methods: [GET], path: "/{x:int}", resource: "r", action: read}', "unknown placeholder"),
         ('{methods: [GET], path: "a/b", resource: "r", action: read}', "must start with '/'"),
         ('{methods: [GET], path: "/./x", resource: "r", action: read}', "dot-segment"),
+        ('{methods: [GET], path: "/\uff0e\uff0e", resource: "r", action: read}', "folds (NFKC)"),
+        ('{methods: [GET], path: "/a\uff0fb", resource: "r", action: read}', "folds (NFKC)"),
+        ('{methods: [GET], path: "/x{y}\uff0f", resource: "r", action: read}', "folds (NFKC)"),
         ('{methods: [GET], path: "/%41", resource: "r", action: read}', "decoded"),
         ('{methods: [GET], path: "/a;b", resource: "r", action: read}', "allow_path_params"),
         ('{methods: [GET], path: "/{x}/{x}", resource: "r", action: read}', "appears twice"),
@@ -566,6 +571,23 @@ def test_resource_rendering_is_injective(
     one = resource.render({"a": first[0], "b": first[1]})
     two = resource.render({"a": second[0], "b": second[1]})
     assert (one == two) == (first == second)
+
+
+@given(
+    st.text(st.sampled_from("ab.-~é\u2024\u2025\uff0e\uff0f\uff05%#?;\\"), min_size=1, max_size=4)
+)
+def test_a_literal_template_accepted_at_load_is_a_path_requests_can_reach(segment: str) -> None:
+    try:
+        table = table_from(
+            one_route(
+                f"{{methods: [GET], path: {json.dumps('/' + segment)}, resource: r, action: read}}"
+            )
+        )
+    except RouteError:
+        return
+    # A route whose own path normalization refuses would be dead config: never matched.
+    normalized = normalize_path(quote("/" + segment, safe="/"))
+    assert table.match("GET", normalized) is not None
 
 
 _SEGMENT_KINDS = st.sampled_from(["a", "b", "x.json", "-", "{}", "{}.json", "x{}"])
