@@ -540,7 +540,7 @@ class DuplicateKeyError(yaml.constructor.ConstructorError):
     """A mapping that gives the same key twice."""
 
 
-class _ConfigLoader(yaml.SafeLoader):
+class UniqueKeyLoader(yaml.SafeLoader):
     """The safe loader, refusing a key given twice in one mapping. YAML requires keys to be
     unique, but PyYAML keeps the last one silently: a second `proxy:` section further
     down would replace the first without a word."""
@@ -568,8 +568,8 @@ class _ConfigLoader(yaml.SafeLoader):
 
 
 def _parse_yaml(text: str) -> Any:
-    """Parse configuration text (a file or an override) with `_ConfigLoader`."""
-    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506  # a SafeLoader subclass
+    """Parse configuration text (a file or an override) with `UniqueKeyLoader`."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506  # a SafeLoader subclass
 
 
 def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:

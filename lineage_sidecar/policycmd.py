@@ -21,6 +21,7 @@ from typing import Any, Final, TextIO
 
 import yaml
 
+from lineage_sidecar.config import UniqueKeyLoader
 from proxy.authz.paths import PathRejected
 from proxy.authz.store import PolicyLoadError, PolicySnapshot, decide_principal, load_snapshot
 
@@ -151,8 +152,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 # -- test -----------------------------------------------------------------------------------
 
 
-class _LineLoader(yaml.SafeLoader):
-    """Records where each mapping starts, so a failing case can be named by file:line."""
+class _LineLoader(UniqueKeyLoader):
+    """Records where each mapping starts, so a failing case can be named by file:line;
+    like a configuration file, a key given twice is refused rather than the last one kept
+    (`expect: allow` then `expect: deny` would test only the second)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         mapping = super().construct_mapping(node, deep=deep)

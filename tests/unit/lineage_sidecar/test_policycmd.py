@@ -144,6 +144,10 @@ def test_policy_edit_caught_by_the_cases(copied: Path, capsys: pytest.CaptureFix
         ("- {as: a, method: GET, expect: allow}\n", "'path' must be a non-empty string"),
         ("- {as: a, method: GET, path: /, expect: allow, roles: x}\n", "roles must be a list"),
         ("cases: [\n", "invalid YAML"),
+        (
+            "- as: a\n  method: GET\n  path: /\n  expect: allow\n  expect: deny\n",
+            ":5: invalid YAML: duplicate key 'expect' (first on line 4)",
+        ),
         ("a: &x [*x]\n", "non-empty list"),
     ],
 )
