@@ -12,9 +12,11 @@ same objects from the main file.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import msgspec
@@ -355,12 +357,92 @@ class IngestProcessConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
     store: StoreConfig = StoreConfig()
 
 
+# --- reading configuration files ------------------------------------------------------------
+# Every configuration file and `file:` secret the product reads goes through these, here
+# because both the agent's own entry points and `lineage_sidecar.config` use them.
+
+CONFIG_MAX_BYTES: Final = 1_000_000
+# A PEM key or a DSN is a few KB; this leaves room for a certificate chain in one secret.
+SECRET_MAX_BYTES: Final = 64 * 1024
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+class FileRefused(ValueError):
+    """A file that is not read: not a regular file. The message completes "PATH: "."""
+
+
+class FileTooLarge(FileRefused):
+    """A regular file larger than the limit it was read with."""
+
+
+def read_regular_file(path: str | os.PathLike[str], limit: int) -> bytes:
+    """The content of a regular file (symlinks followed) of at most `limit` bytes.
+
+    Raises FileRefused for anything else; OSError (missing, not permitted) is left to the
+    caller."""
+    # O_NONBLOCK: opening a FIFO that has no writer would otherwise wait forever. It has
+    # no effect on the regular file that is then read.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
+            raise FileRefused(f"not a regular file ({kind})")
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise FileTooLarge(f"larger than {limit} bytes")
+    return data
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping that gives the same key twice."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader, refusing a key given twice in one mapping. YAML requires keys to be
+    unique, but PyYAML keeps the last one silently: a second `proxy:` section further
+    down would replace the first without a word."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                # `<<: *defaults` merges keys that the mapping's own keys may override.
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = first_lines.get(key)
+            except TypeError:
+                continue  # an unhashable key, refused by the constructor below
+            if first is not None:
+                raise DuplicateKeyError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first on line {first})",
+                    key_node.start_mark,
+                )
+            first_lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_file(path: str | Path, kind: type[T]) -> T:
     """Parse a YAML (or JSON) file into `kind`; ValueError names the file and the field."""
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
+        text = read_regular_file(path, CONFIG_MAX_BYTES).decode("utf-8")
+        raw = yaml.load(text, Loader=UniqueKeyLoader) or {}  # noqa: S506  # a SafeLoader
+    except (OSError, UnicodeDecodeError, FileRefused) as exc:
+        raise ValueError(f"{path}: cannot read: {exc}") from None
+    except yaml.YAMLError as exc:
         raise ValueError(f"{path}: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: nested too deeply") from None
     try:
         config = msgspec.convert(raw, kind)
     except msgspec.ValidationError as exc:

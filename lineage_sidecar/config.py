@@ -25,22 +25,28 @@ import ipaddress
 import logging
 import os
 import re
-import stat
 from collections.abc import Mapping
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import msgspec
 import yaml
 
 from agent.config import (
+    CONFIG_MAX_BYTES,
+    SECRET_MAX_BYTES,
     AgentConfig,
     AgentProcessConfig,
+    DuplicateKeyError,
+    FileRefused,
+    FileTooLarge,
     IngestConfig,
     IngestProcessConfig,
     KafkaConfig,
     KeysConfig,
     StoreConfig,
+    UniqueKeyLoader,
+    read_regular_file,
 )
 from agent.derive import DeriveConfig
 from proxy.authn.idp.config import IdpConfig
@@ -53,9 +59,6 @@ from proxy.authn.sessions import SessionConfig
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "LINEAGE_SIDECAR_"
-CONFIG_MAX_BYTES: Final = 1_000_000
-# A PEM key or a DSN is a few KB; this leaves room for a certificate chain in one secret.
-SECRET_MAX_BYTES: Final = 64 * 1024
 
 
 class ConfigError(Exception):
@@ -468,42 +471,6 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     ingest: IngestConfig | None = None
 
 
-_FILE_KINDS = (
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISFIFO, "a FIFO"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
-
-
-class FileRefused(ValueError):
-    """A file that is not read: not a regular file. The message completes "PATH: "."""
-
-
-class FileTooLarge(FileRefused):
-    """A regular file larger than the limit it was read with."""
-
-
-def read_regular_file(path: str | os.PathLike[str], limit: int) -> bytes:
-    """The content of a regular file (symlinks followed) of at most `limit` bytes.
-
-    Raises FileRefused for anything else; OSError (missing, not permitted) is left to the
-    caller."""
-    # O_NONBLOCK: opening a FIFO that has no writer would otherwise wait forever. It has
-    # no effect on the regular file that is then read.
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as handle:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
-            raise FileRefused(f"not a regular file ({kind})")
-        data = handle.read(limit + 1)
-    if len(data) > limit:
-        raise FileTooLarge(f"larger than {limit} bytes")
-    return data
-
-
 def _resolve_secret(raw: str, field_path: str) -> Secret:
     if raw.startswith("file:"):
         path = raw[len("file:") :]
@@ -534,37 +501,6 @@ def _dec_hook(kind: type, value: Any) -> Any:
             raise ValueError("a secret must be a string: file:PATH, env:NAME or the value")
         return _resolve_secret(value, "secret")
     raise NotImplementedError(f"cannot decode {kind!r}")
-
-
-class DuplicateKeyError(yaml.constructor.ConstructorError):
-    """A mapping that gives the same key twice."""
-
-
-class UniqueKeyLoader(yaml.SafeLoader):
-    """The safe loader, refusing a key given twice in one mapping. YAML requires keys to be
-    unique, but PyYAML keeps the last one silently: a second `proxy:` section further
-    down would replace the first without a word."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        first_lines: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                # `<<: *defaults` merges keys that the mapping's own keys may override.
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                first = first_lines.get(key)
-            except TypeError:
-                continue  # an unhashable key, refused by the constructor below
-            if first is not None:
-                raise DuplicateKeyError(
-                    None,
-                    None,
-                    f"duplicate key {key!r} (first on line {first})",
-                    key_node.start_mark,
-                )
-            first_lines[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep=deep)
 
 
 def _parse_yaml(text: str) -> Any:

@@ -11,7 +11,8 @@ import json
 import msgspec
 import msgspec.inspect as mi
 
-from lineage_sidecar.config import ENV_PREFIX, SECRET_MAX_BYTES, Config
+from agent.config import SECRET_MAX_BYTES
+from lineage_sidecar.config import ENV_PREFIX, Config
 
 HEADER = f"""# Configuration reference
 

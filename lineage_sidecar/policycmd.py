@@ -21,7 +21,7 @@ from typing import Any, Final, TextIO
 
 import yaml
 
-from lineage_sidecar.config import UniqueKeyLoader
+from agent.config import UniqueKeyLoader
 from proxy.authz.paths import PathRejected
 from proxy.authz.store import PolicyLoadError, PolicySnapshot, decide_principal, load_snapshot
 

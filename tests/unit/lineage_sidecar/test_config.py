@@ -14,11 +14,10 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.config import AgentProcessConfig, IngestProcessConfig, KeysConfig
+from agent.config import SECRET_MAX_BYTES, AgentProcessConfig, IngestProcessConfig, KeysConfig
 from lineage_sidecar.config import (
     AGENT_SECTIONS,
     INGEST_SECTIONS,
-    SECRET_MAX_BYTES,
     Config,
     ConfigError,
     Secret,

@@ -1,0 +1,43 @@
+"""`agent.config.load_file`: what `python -m agent.agent|agent.ingest --config` reads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from agent.config import AgentProcessConfig, load_file
+
+
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text("agent:\n  spool_dir: /a\n  spool_dir: /b\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"duplicate key 'spool_dir' \(first on line 2\)"):
+        load_file(path, AgentProcessConfig)
+
+
+def test_a_fifo_is_refused_at_once_instead_of_waiting_for_a_writer(tmp_path: Path) -> None:
+    path = tmp_path / "agent.yaml"
+    os.mkfifo(path)
+    with pytest.raises(ValueError, match=r"cannot read: not a regular file \(a FIFO\)"):
+        load_file(path, AgentProcessConfig)
+
+
+def test_an_endless_file_is_refused_without_reading_it_all() -> None:
+    with pytest.raises(ValueError, match=r"/dev/zero: cannot read: not a regular file"):
+        load_file("/dev/zero", AgentProcessConfig)
+
+
+def test_a_file_over_the_limit_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text("# " + "x" * 1_000_000 + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"larger than 1000000 bytes"):
+        load_file(path, AgentProcessConfig)
+
+
+def test_nesting_too_deep_for_the_parser_is_one_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text("agent: " + "[" * 5000 + "]" * 5000 + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"agent\.yaml: nested too deeply"):
+        load_file(path, AgentProcessConfig)
