@@ -21,9 +21,11 @@ What it promises:
   between creating it and writing its header), deleted once a newer segment exists.
 - A record this reader cannot use but must not lose is set aside, never dropped: a frame
   whose CRC checks out but whose content does not decode as a capture record of the
-  known version is copied, with its segment, offset and the reason, into
-  `<spool dir>/quarantine/` (see `quarantine_name`), counted in `records_quarantined`,
-  logged once, and reading goes on with the next record.
+  known version, or a frame damaged in the middle of a segment (see `diagnose_damage`),
+  is copied, with its segment, offset and the reason, into `<spool dir>/quarantine/`
+  (see `quarantine_name`), counted in `records_quarantined`, logged once, and reading
+  goes on with the next intact frame. Only a torn tail, from which no later frame can
+  be recovered, is skipped.
 
 One writer process and one reader process per directory, enforced by `flock`
 (`SpoolBusyError`): proxy workers each need their own spool directory. A record's
@@ -55,6 +57,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import struct
 import threading
 import time
@@ -287,7 +290,9 @@ def scan_frames(data: bytes, *, max_record_bytes: int, max_frames: int) -> Frame
         if size - pos < FRAME_HEADER_BYTES:
             return FrameScan(frames, "short", pos, FRAME_HEADER_BYTES)
         length, crc = _FRAME_HEADER.unpack_from(data, pos)
-        if length > max_record_bytes:
+        # Never an empty payload (a record is a msgpack map): zeros, as a crash can leave
+        # them, would otherwise pass as frames, the CRC-32 of nothing being 0.
+        if not 0 < length <= max_record_bytes:
             return FrameScan(frames, "corrupt", pos, 0)
         end = pos + FRAME_HEADER_BYTES + length
         if end > size:
@@ -298,6 +303,128 @@ def scan_frames(data: bytes, *, max_record_bytes: int, max_frames: int) -> Frame
         frames.append((end, payload))
         pos = end
     return FrameScan(frames, "end", pos, 0)
+
+
+class Damage(NamedTuple):
+    """What to do about the bytes at a place where no intact frame starts."""
+
+    # wait: the newest segment, which the writer may still be writing: read it again
+    # later. set_aside: quarantine `length` bytes and go on after them. torn_tail: no
+    # intact frame follows; skip the `length` bytes left in the segment.
+    action: Literal["wait", "set_aside", "torn_tail"]
+    length: int
+    reason: str
+
+
+FrameCheck = Literal["ok", "end", "short", "bad", "crc"]
+
+# Where a frame's payload may start: a capture record is a msgpack map (fixmap, or map16
+# for more than 15 fields) whose first key is a field name, a short string.
+_PAYLOAD_START = re.compile(rb"(?:[\x80-\x8f]|\xde..)[\xa0-\xbf]", re.DOTALL)
+# Most CRC work one resynchronisation may do before it calls the rest a torn tail.
+_RESYNC_CRC_BUDGET = 256 << 20
+
+
+def _check_frame(data: bytes, pos: int, max_record_bytes: int) -> tuple[FrameCheck, int]:
+    """The frame at `pos`: intact ("ok"), none ("end"), not all there ("short"), an
+    impossible length ("bad") or a CRC mismatch ("crc"); and where it would end."""
+    if pos == len(data):
+        return "end", pos
+    if len(data) - pos < FRAME_HEADER_BYTES:
+        return "short", pos + FRAME_HEADER_BYTES
+    length, crc = _FRAME_HEADER.unpack_from(data, pos)
+    if not 0 < length <= max_record_bytes:
+        return "bad", pos
+    end = pos + FRAME_HEADER_BYTES + length
+    if end > len(data):
+        return "short", end
+    if zlib.crc32(memoryview(data)[pos + FRAME_HEADER_BYTES : end]) != crc:
+        return "crc", end
+    return "ok", end
+
+
+def resynchronise(data: bytes, start: int, *, max_record_bytes: int) -> int | None:
+    """The first position from `start` on where an intact frame begins, or None.
+
+    Cheap tests come first (a payload that starts like a capture record, a possible
+    length, a frame that fits and is followed by the segment's end or a possible length);
+    the CRC is computed only for what passes them, and at most `_RESYNC_CRC_BUDGET` bytes
+    in all, so one resynchronisation costs about one pass over the segment.
+
+    False positives: bytes that are not a frame pass a CRC-32 check with odds 2**-32 per
+    candidate; in random bytes about one position in 50,000 passes the cheap tests
+    (1 MiB records), so a 16 MiB damaged stretch gives odds near 1 in 10**7. A false frame
+    must then also decode as a capture record to be delivered; otherwise it is set aside
+    too. A frame written inside a record's own text (a client's SQL) can be found first,
+    if the damage lies just before it: the record holding it is then set aside, not lost.
+    """
+    view = memoryview(data)
+    budget = _RESYNC_CRC_BUDGET
+    size = len(data)
+    for match in _PAYLOAD_START.finditer(data, start + FRAME_HEADER_BYTES):
+        pos = match.start() - FRAME_HEADER_BYTES
+        length, crc = _FRAME_HEADER.unpack_from(data, pos)
+        end = pos + FRAME_HEADER_BYTES + length
+        if not 0 < length <= max_record_bytes or end > size:
+            continue
+        if size - end >= 4:
+            (following,) = struct.unpack_from("<I", data, end)
+            if not 0 < following <= max_record_bytes:
+                continue
+        budget -= length
+        if budget < 0:
+            return None
+        if zlib.crc32(view[pos + FRAME_HEADER_BYTES : end]) == crc:
+            return pos
+    return None
+
+
+def diagnose_damage(data: bytes, *, sealed: bool, max_record_bytes: int) -> Damage:
+    """`data` runs from a place where no intact frame starts to the segment's end. Pure.
+
+    A sealed segment (a newer one exists) is complete, so its damage is judged now:
+    - a frame of a possible length whose CRC fails, followed by an intact frame, the
+      segment's end or a torn tail: a corrupt record, set aside, its length trusted;
+    - anything else (an impossible length, a frame running past the end, a CRC failure
+      followed by garbage): its length is not trusted; the bytes up to the next position
+      where a frame's length and CRC both verify (`resynchronise`) are set aside;
+    - no intact frame anywhere after it: a torn tail (a crash mid-write), skipped.
+    The newest segment may still be growing: a CRC failure is set aside only when the
+    frame after it is intact; anything else waits until the segment is sealed (the
+    writer seals it when it rotates or restarts).
+    """
+    kind, end = _check_frame(data, 0, max_record_bytes)
+    crc_failure = f"CRC mismatch in a {end - FRAME_HEADER_BYTES}-byte record"
+    if kind == "crc":
+        after, _ = _check_frame(data, end, max_record_bytes)
+        if after == "ok" or (sealed and after in ("end", "short")):
+            return Damage("set_aside", end, crc_failure)
+    if not sealed:
+        return Damage("wait", 0, "")
+    intact = resynchronise(data, 1, max_record_bytes=max_record_bytes)
+    if intact is not None:
+        return Damage(
+            "set_aside",
+            intact,
+            f"no intact frame here ({kind}); set aside up to the next intact frame",
+        )
+    if kind == "crc":
+        # Nothing intact follows: keep the whole frame, skip only what is after it.
+        return Damage("set_aside", end, crc_failure)
+    return Damage("torn_tail", len(data), "")
+
+
+def frame_boundary_at_or_before(data: bytes, offset: int) -> int:
+    """Walk a segment's frame lengths from its header (`data` holds at least `offset`
+    bytes of it): `offset` when a frame ends there, else the last frame end before it."""
+    pos = SEGMENT_HEADER_BYTES
+    while pos < offset and len(data) - pos >= FRAME_HEADER_BYTES:
+        (length,) = struct.unpack_from("<I", data, pos)
+        end = pos + FRAME_HEADER_BYTES + length
+        if length == 0 or end > offset:
+            break
+        pos = end
+    return min(pos, offset) if offset >= SEGMENT_HEADER_BYTES else offset
 
 
 class _VersionProbe(msgspec.Struct):
@@ -834,7 +961,7 @@ class SpoolReader:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._lock_fd = _take_lock(self.directory, READER_LOCK_FILE, "spool reader")
         try:
-            self._committed = read_committed_position(self.directory)
+            self._committed = self._at_frame_boundary(read_committed_position(self.directory))
         except BaseException:
             os.close(self._lock_fd)
             raise
@@ -874,11 +1001,9 @@ class SpoolReader:
                 # Sealed is decided before reading: the writer finishes a segment before
                 # it creates the next, so what we read afterwards is all there will be.
                 sealed = any(sequence > self._segment for sequence in segments)
-                stop = self._read_segment(batch, max_records)
+                stop = self._read_segment(batch, max_records, sealed=sealed)
                 if stop == "limit" or not sealed:
                     break
-                if stop != "end":
-                    self._skip_torn_tail()
                 self._close_segment()
                 if not batch and self._read_position == (self._committed or _START):
                     # Passed a sealed segment with nothing uncommitted in it (it was
@@ -964,6 +1089,35 @@ class SpoolReader:
 
     # -- internals --
 
+    def _at_frame_boundary(self, committed: SpoolPosition | None) -> SpoolPosition | None:
+        """A committed position always ends a frame. One that does not (a position file
+        edited or damaged) would make the reader take the middle of a record for a frame
+        header; resuming from the last frame end before it instead re-delivers at most
+        the records in between, which the store keeps once, and loses nothing."""
+        if committed is None or committed.offset <= SEGMENT_HEADER_BYTES:
+            return committed
+        try:
+            fd = os.open(self.directory / segment_name(committed.segment), os.O_RDONLY)
+        except FileNotFoundError:
+            return committed  # delivered and deleted: reading starts at the next segment
+        try:
+            data = os.pread(fd, committed.offset, 0)
+        finally:
+            os.close(fd)
+        boundary = frame_boundary_at_or_before(data, committed.offset)
+        if boundary == committed.offset:
+            return committed
+        log.warning(
+            "spool %s: committed offset %d of segment %d is not the end of a frame; "
+            "resuming from %d, the last frame end before it (records in between may be "
+            "delivered again; the store keeps each event once)",
+            self.directory,
+            committed.offset,
+            committed.segment,
+            boundary,
+        )
+        return SpoolPosition(committed.segment, boundary)
+
     def _delete_delivered(self) -> None:
         if self._committed is None:
             return
@@ -1031,7 +1185,7 @@ class SpoolReader:
         return True
 
     def _read_segment(
-        self, batch: list[tuple[SpoolPosition, CaptureRecord]], max_records: int
+        self, batch: list[tuple[SpoolPosition, CaptureRecord]], max_records: int, *, sealed: bool
     ) -> FrameStop:
         fd = self._fd
         assert fd is not None
@@ -1058,13 +1212,35 @@ class SpoolReader:
                     self._quarantine(frame_at, data[frame_at - chunk_start : end], str(exc))
                     continue
                 batch.append((SpoolPosition(self._segment, self._offset), record))
-            if scan.stop in ("limit", "corrupt"):
-                return scan.stop
-            if scan.stop == "short":
-                if scan.needed > available - scan.consumed:
-                    return "short"  # not written yet, or torn
+            if scan.stop == "limit":
+                continue  # full, unless frames were set aside: then read on
+            if scan.stop == "short" and scan.needed <= available - scan.consumed:
                 read_size = max(read_size, scan.needed)
+            elif scan.stop == "short" and not sealed:
+                return "short"  # not written yet (or torn, if the writer died)
+            elif scan.stop != "end" and not self._recover(fd, sealed=sealed):
+                return "corrupt"  # wait: the writer may still be writing this segment
         return "limit"
+
+    def _recover(self, fd: int, *, sealed: bool) -> bool:
+        """No intact frame starts at the read offset: set aside, skip a torn tail, or
+        (False) wait for the writer."""
+        size = os.fstat(fd).st_size
+        # The newest segment is judged by the frame and the one after it only.
+        want = size - self._offset if sealed else 2 * (FRAME_HEADER_BYTES + self._max_record_bytes)
+        data = os.pread(fd, min(want, size - self._offset), self._offset)
+        damage = diagnose_damage(data, sealed=sealed, max_record_bytes=self._max_record_bytes)
+        if damage.action == "wait":
+            return False
+        if damage.action == "set_aside":
+            where = self.directory / segment_name(self._segment)
+            self._quarantine(
+                self._offset, data[: damage.length], f"{where} at {self._offset}: {damage.reason}"
+            )
+        else:
+            self._skip_torn_tail()
+        self._offset += damage.length
+        return True
 
     def _quarantine(self, offset: int, data: bytes, reason: str) -> None:
         """Set bytes of the current segment aside, durably, before reading past them: the

@@ -203,6 +203,12 @@ def test_flipped_byte_inside_a_frame_is_not_returned(tmp_path: Path) -> None:
 
     reader = SpoolReader(tmp_path)
     assert ids(read_all(reader)) == ["req-0", "req-1", "req-3"]
+    # The damaged frame is the last of its (sealed) segment: set aside, not skipped.
+    [(fields, raw)] = quarantined(tmp_path)
+    offset = fields["offset"]
+    assert isinstance(offset, int)
+    assert raw == bytes(data[offset:])
+    assert "CRC mismatch" in str(fields["reason"])
     reader.close()
 
 
@@ -271,6 +277,10 @@ def test_undecodable_record_is_set_aside_and_the_records_around_it_delivered(
     assert reader.metrics.records_quarantined == 1
     assert (tmp_path / QUARANTINE_DIR).stat().st_mode & 0o777 == 0o700
 
+    # A batch is not cut short by a record set aside: an empty batch means drained.
+    reader.rewind()
+    assert ids(reader.read_batch(2)) == ["req-0", "req-1"]
+    assert ids(reader.read_batch(1)) == ["req-2"]
     # Read again before a commit (a refused batch, a restart): set aside once, not twice.
     reader.rewind()
     assert ids(read_all(reader)) == ["req-0", "req-1", "req-2"]
@@ -521,3 +531,108 @@ def test_text_that_was_not_utf8_is_kept_escaped(tmp_path: Path, writer: SpoolWri
     assert kept.sql == "select '\\udc83'"
     assert kept.request_id == odd.request_id
     assert after == make_record(1)
+
+
+def frame_offsets(segment: Path) -> list[int]:
+    """Where each frame of a segment starts."""
+    data = segment.read_bytes()
+    offsets, pos = [], SEGMENT_HEADER_BYTES
+    while pos < len(data):
+        offsets.append(pos)
+        pos += 8 + int.from_bytes(data[pos : pos + 4], "little")
+    return offsets
+
+
+def spool_of(directory: Path, count: int, *, seal: bool = True) -> Path:
+    writer = SpoolWriter(directory, MANUAL_FLUSH)
+    for i in range(count):
+        writer.append(make_record(i, sql="SELECT 1" * (i % 4)))
+    writer.close()
+    [segment] = segment_files(directory)
+    if seal:
+        SpoolWriter(directory, MANUAL_FLUSH).close()  # a newer segment: this one is complete
+    return segment
+
+
+def test_bit_flip_mid_segment_sets_aside_that_record_and_delivers_all_after_it(
+    tmp_path: Path,
+) -> None:
+    segment = spool_of(tmp_path, 10)
+    starts = frame_offsets(segment)
+    data = bytearray(segment.read_bytes())
+    data[starts[3] + 20] ^= 0x01
+    segment.write_bytes(bytes(data))
+
+    reader = SpoolReader(tmp_path)
+    assert ids(read_all(reader)) == [f"req-{i}" for i in range(10) if i != 3]
+    [(fields, raw)] = quarantined(tmp_path)
+    assert (fields["segment"], fields["offset"]) == (1, starts[3])
+    assert raw == bytes(data[starts[3] : starts[4]])
+    assert "CRC mismatch" in str(fields["reason"])
+    assert reader.metrics.records_quarantined == 1
+    assert reader.metrics.torn_tails_skipped == 0
+    reader.close()
+
+
+def test_damaged_length_resynchronises_at_the_next_intact_frame(tmp_path: Path) -> None:
+    segment = spool_of(tmp_path, 10)
+    starts = frame_offsets(segment)
+    data = bytearray(segment.read_bytes())
+    data[starts[3] : starts[3] + 4] = (0xFFFF_FF00).to_bytes(4, "little")
+    segment.write_bytes(bytes(data))
+
+    reader = SpoolReader(tmp_path)
+    assert ids(read_all(reader)) == [f"req-{i}" for i in range(10) if i != 3]
+    [(fields, raw)] = quarantined(tmp_path)
+    assert fields["offset"] == starts[3]
+    assert raw == bytes(data[starts[3] : starts[4]])  # exactly the damaged frame
+    reader.close()
+
+
+def test_damage_in_the_newest_segment_is_set_aside_once_the_next_frame_is_intact(
+    tmp_path: Path,
+) -> None:
+    segment = spool_of(tmp_path, 5, seal=False)
+    starts = frame_offsets(segment)
+    data = bytearray(segment.read_bytes())
+    data[starts[2] + 30] ^= 0x80  # mid-segment: the frame after it verifies
+    data[starts[4] + 30] ^= 0x80  # the last frame: nothing yet says it is not torn
+    segment.write_bytes(bytes(data))
+
+    reader = SpoolReader(tmp_path)
+    assert ids(read_all(reader)) == ["req-0", "req-1", "req-3"]
+    assert [fields["offset"] for fields, _raw in quarantined(tmp_path)] == [starts[2]]
+    writer = SpoolWriter(tmp_path, MANUAL_FLUSH)  # seals it
+    writer.append(make_record(5))
+    writer.close()
+    assert ids(read_all(reader)) == ["req-5"]
+    assert [fields["offset"] for fields, _raw in quarantined(tmp_path)] == starts[2::2]
+    reader.close()
+
+
+def test_zeros_after_the_last_frame_are_a_torn_tail_not_records(tmp_path: Path) -> None:
+    # A crash can leave a file's tail as zeros: they must not pass as empty frames.
+    segment = spool_of(tmp_path, 3)
+    with segment.open("ab") as handle:
+        handle.write(bytes(4096))
+    reader = SpoolReader(tmp_path)
+    assert ids(read_all(reader)) == ["req-0", "req-1", "req-2"]
+    assert quarantined(tmp_path) == []
+    assert reader.metrics.torn_tails_skipped == 1
+    assert reader.metrics.bytes_skipped == 4096
+    reader.close()
+
+
+def test_position_inside_a_frame_resumes_at_the_frame_end_before_it(tmp_path: Path) -> None:
+    segment = spool_of(tmp_path, 5)
+    starts = frame_offsets(segment)
+    (tmp_path / "reader.position").write_text(
+        f'{{"format": 1, "segment": 1, "offset": {starts[2] + 3}}}'
+    )
+    reader = SpoolReader(tmp_path)
+    # req-0 and req-1 ended before the position; req-2 is read again, nothing skipped.
+    assert reader.committed_position == SpoolPosition(1, starts[2])
+    assert ids(read_all(reader)) == ["req-2", "req-3", "req-4"]
+    assert quarantined(tmp_path) == []
+    assert segment.exists()
+    reader.close()
