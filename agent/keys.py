@@ -115,11 +115,14 @@ def _parse_keyring(raw: bytes, path: Path) -> tuple[dict[str, bytes], dict[str, 
     """Keyring file -> (key id -> KEK, key id -> created, active id). Pure; KeyringError."""
     try:
         document = json.loads(raw)
-    except ValueError as exc:
+    except ValueError as exc:  # UnicodeDecodeError included
         raise KeyringError(f"keyring {path}: not JSON: {exc}") from None
+    except RecursionError:
+        raise KeyringError(f"keyring {path}: not a keyring (JSON nested too deeply)") from None
     if not isinstance(document, dict):
         raise KeyringError(f"keyring {path}: expected a JSON object")
-    if document.get("format") != KEYRING_FORMAT_VERSION:
+    # `type(...) is int`: JSON true and 1.0 compare equal to 1 but are not a format number.
+    if type(document.get("format")) is not int or document["format"] != KEYRING_FORMAT_VERSION:
         raise KeyringError(
             f"keyring {path}: unknown format {document.get('format')!r} "
             f"(this version reads {KEYRING_FORMAT_VERSION})"
@@ -140,14 +143,17 @@ def _parse_keyring(raw: bytes, path: Path) -> tuple[dict[str, bytes], dict[str, 
             raise KeyringError(f"keyring {path}: key id {key_id!r} appears twice")
         try:
             kek = base64.b64decode(material, validate=True) if isinstance(material, str) else b""
-        except binascii.Error:
+        except (binascii.Error, ValueError):  # ValueError: characters outside ASCII
             kek = b""
         if len(kek) != KEK_BYTES:
             raise KeyringError(
                 f"keyring {path}: keys[{index}].material must be {KEK_BYTES} bytes in base64"
             )
+        when = entry.get("created", "")
+        if not isinstance(when, str):
+            raise KeyringError(f"keyring {path}: keys[{index}].created must be a string")
         keys[key_id] = kek
-        created[key_id] = str(entry.get("created", ""))
+        created[key_id] = when
     if not isinstance(active, str) or active not in keys:
         raise KeyringError(f"keyring {path}: 'active' must name one of the keys")
     return keys, created, active

@@ -89,6 +89,17 @@ def test_missing_keyring_without_create_is_refused(tmp_path: Path) -> None:
         (keyring_json("a", ["a", "a"]), "appears twice"),
         (keyring_json("a", ["a\n"]), "printable ASCII"),
         ('{"format": 1, "active": "a", "keys": [17]}', "keys\\[0\\].id"),
+        ("[" * 100_000, "nested too deeply"),
+        (
+            keyring_json("a", ["a"]).replace("AAAA", "\u00e9\u00e9\u00e9\u00e9", 1),
+            "must be 32 bytes",
+        ),
+        (keyring_json("a", ["a"]).replace('"format": 1', '"format": true'), "unknown format True"),
+        (keyring_json("a", ["a"]).replace('"format": 1', '"format": 1.0'), "unknown format 1.0"),
+        (
+            keyring_json("a", ["a"]).replace('"id"', '"created": {"x": 1}, "id"'),
+            "keys\\[0\\].created must be a string",
+        ),
     ],
 )
 def test_malformed_keyring_is_refused_with_the_reason(
@@ -155,6 +166,28 @@ async def test_a_rotation_by_another_process_is_seen_on_unwrap(tmp_path: Path) -
     agent_side.rotate()
     wrapped = await agent_side.wrap(DATA_KEY)
     assert await ingester_side.unwrap(wrapped) == DATA_KEY
+
+
+async def test_keyring_edited_into_a_bad_state_is_a_provider_error_until_fixed(
+    tmp_path: Path,
+) -> None:
+    # The ingester looks the file up again for a key id it does not know; a hand edit
+    # gone wrong must be a KeyProviderError (retried, nothing dead-lettered), not a crash.
+    path = tmp_path / "keyring.json"
+    ingester_side = LocalKeyring(path)
+    old_key = await ingester_side.wrap(DATA_KEY)
+    good = path.read_text()
+    document = json.loads(good)
+    document["keys"][0]["material"] = "\u00e9" * 44
+    path.write_text(json.dumps(document))
+    path.chmod(0o600)
+    with pytest.raises(KeyProviderError, match="material must be 32 bytes"):
+        await ingester_side.unwrap(WrappedKey("k-rotated-meanwhile", bytes(40)))
+    assert await ingester_side.unwrap(old_key) == DATA_KEY  # what it had loaded still works
+    path.write_text(good)
+    agent_side = LocalKeyring(path, create=False)
+    agent_side.rotate()
+    assert await ingester_side.unwrap(await agent_side.wrap(DATA_KEY)) == DATA_KEY
 
 
 async def test_keyring_that_disappeared_is_a_provider_error_not_a_data_error(
