@@ -541,12 +541,19 @@ def read_committed_position(directory: Path) -> SpoolPosition | None:
         version, segment, offset = stored["format"], stored["segment"], stored["offset"]
     except (ValueError, KeyError, TypeError) as exc:
         raise SpoolFormatError(f"{directory / POSITION_FILE}: unreadable: {exc}") from exc
-    if version != POSITION_FORMAT_VERSION:
+    except RecursionError:
+        raise SpoolFormatError(
+            f"{directory / POSITION_FILE}: unreadable: not a position (JSON nested too deeply)"
+        ) from None
+    # `type(...) is int`: JSON true and 1.0 compare equal to 1 but are not numbers here.
+    if type(version) is not int or version != POSITION_FORMAT_VERSION:
         raise SpoolFormatError(
             f"{directory / POSITION_FILE}: unknown position format version {version!r}"
         )
-    if not (isinstance(segment, int) and isinstance(offset, int)):
-        raise SpoolFormatError(f"{directory / POSITION_FILE}: segment and offset must be ints")
+    if not (type(segment) is int and type(offset) is int and segment >= 0 and offset >= 0):
+        raise SpoolFormatError(
+            f"{directory / POSITION_FILE}: segment and offset must be non-negative ints"
+        )
     return SpoolPosition(segment, offset)
 
 

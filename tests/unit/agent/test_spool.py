@@ -322,6 +322,27 @@ def test_unknown_position_file_version_is_refused(tmp_path: Path) -> None:
         SpoolReader(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[" * 100_000, "unreadable: not a position \\(JSON nested too deeply\\)"),
+        ('{"format": true, "segment": 1, "offset": 24}', "unknown position format version True"),
+        ('{"format": 1, "segment": true, "offset": 24}', "must be non-negative ints"),
+        ('{"format": 1, "segment": 1, "offset": -5}', "must be non-negative ints"),
+        ('{"format": 1, "segment": 1}', "unreadable"),
+    ],
+)
+def test_malformed_position_file_is_a_format_error(
+    tmp_path: Path, content: str, message: str
+) -> None:
+    (tmp_path / "reader.position").write_text(content)
+    with pytest.raises(SpoolFormatError, match=message):
+        SpoolReader(tmp_path)
+    # The lock was let go: once the file is fixed, a reader starts.
+    (tmp_path / "reader.position").unlink()
+    SpoolReader(tmp_path).close()
+
+
 def test_writer_refuses_a_record_version_it_does_not_write(writer: SpoolWriter) -> None:
     future = msgspec.structs.replace(make_record(0), version=2)
     with pytest.raises(ValueError, match="version 1 only"):
