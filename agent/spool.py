@@ -90,6 +90,9 @@ _FRAME_HEADER = struct.Struct("<II")
 FRAME_HEADER_BYTES = _FRAME_HEADER.size
 _pack_frame_header = _FRAME_HEADER.pack
 _SEQUENCE_DIGITS = 20
+# The header holds a segment's sequence number in 64 bits, and the writer starts the segment
+# after the newest: a larger number (in a file name or a hand-edited position) is refused.
+MAX_SEGMENT_SEQUENCE = 2**64 - 2
 # Hard cap on one record, for writer and reader alike. The reader uses it (not the
 # writer's configured limit, which it cannot know) to tell a garbage length from a record.
 RECORD_BYTES_LIMIT = 16 << 20
@@ -226,7 +229,8 @@ def segment_name(sequence: int) -> str:
 def parse_segment_name(name: str) -> int | None:
     stem = name[: -len(SEGMENT_SUFFIX)]
     if name.endswith(SEGMENT_SUFFIX) and len(stem) == _SEQUENCE_DIGITS and stem.isdigit():
-        return int(stem)
+        sequence = int(stem)
+        return sequence if sequence <= MAX_SEGMENT_SEQUENCE else None
     return None
 
 
@@ -550,9 +554,15 @@ def read_committed_position(directory: Path) -> SpoolPosition | None:
         raise SpoolFormatError(
             f"{directory / POSITION_FILE}: unknown position format version {version!r}"
         )
-    if not (type(segment) is int and type(offset) is int and segment >= 0 and offset >= 0):
+    if not (
+        type(segment) is int
+        and type(offset) is int
+        and 0 <= segment <= MAX_SEGMENT_SEQUENCE
+        and 0 <= offset < 2**63
+    ):
         raise SpoolFormatError(
-            f"{directory / POSITION_FILE}: segment and offset must be non-negative ints"
+            f"{directory / POSITION_FILE}: segment and offset must be non-negative ints "
+            f"(segment at most {MAX_SEGMENT_SEQUENCE}, offset below 2**63)"
         )
     return SpoolPosition(segment, offset)
 

@@ -329,6 +329,8 @@ def test_unknown_position_file_version_is_refused(tmp_path: Path) -> None:
         ('{"format": true, "segment": 1, "offset": 24}', "unknown position format version True"),
         ('{"format": 1, "segment": true, "offset": 24}', "must be non-negative ints"),
         ('{"format": 1, "segment": 1, "offset": -5}', "must be non-negative ints"),
+        ('{"format": 1, "segment": 18446744073709551615, "offset": 24}', "at most"),
+        ('{"format": 1, "segment": 1, "offset": 9223372036854775808}', r"below 2\*\*63"),
         ('{"format": 1, "segment": 1}', "unreadable"),
     ],
 )
