@@ -46,6 +46,8 @@ from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
+from agent.config import SECRET_MAX_BYTES, FileRefused, read_regular_file
+
 if TYPE_CHECKING:
     from agent.config import KeysConfig
 
@@ -339,11 +341,15 @@ def resolve_secret_reference(reference: str) -> str:
     if reference.startswith("file:"):
         path = reference[len("file:") :]
         try:
-            return Path(path).read_text().strip()
+            return read_regular_file(path, SECRET_MAX_BYTES).decode("utf-8").strip()
         except OSError as exc:
             raise KeyProviderError(
                 f"cannot read secret file {path!r}: {exc.strerror}", retriable=True
             ) from None
+        except (FileRefused, UnicodeDecodeError) as exc:
+            # Not a token a renewal will fix by itself: an operator must look.
+            reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else str(exc)
+            raise KeyProviderError(f"secret file {path!r}: {reason}", retriable=False) from None
     if reference.startswith("env:"):
         name = reference[len("env:") :]
         value = os.environ.get(name)

@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import IngestProcessConfig, KeysConfig, VaultConfig, load_file
+from agent.config import (
+    SECRET_MAX_BYTES,
+    IngestProcessConfig,
+    KeysConfig,
+    VaultConfig,
+    load_file,
+)
 from agent.keys import (
     KeyProviderError,
     KeyringError,
@@ -220,6 +226,22 @@ def test_secret_references_come_from_files_and_environment(
         resolve_secret_reference("env:VAULT_TOKEN_NOT_SET_ANYWHERE")
     with pytest.raises(KeyProviderError, match="cannot read secret file"):
         resolve_secret_reference(f"file:{tmp_path / 'absent'}")
+
+
+def test_a_vault_token_file_that_is_not_a_regular_file_is_refused_at_once(
+    tmp_path: Path,
+) -> None:
+    fifo = tmp_path / "token"
+    os.mkfifo(fifo)
+    with pytest.raises(KeyProviderError, match=r"not a regular file \(a FIFO\)") as error:
+        resolve_secret_reference(f"file:{fifo}")
+    assert error.value.retriable is False
+    with pytest.raises(KeyProviderError, match="not a regular file"):
+        resolve_secret_reference("file:/dev/zero")
+    big = tmp_path / "big"
+    big.write_text("s." + "x" * SECRET_MAX_BYTES)
+    with pytest.raises(KeyProviderError, match="larger than"):
+        resolve_secret_reference(f"file:{big}")
 
 
 def closed_port() -> int:
