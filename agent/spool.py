@@ -1118,7 +1118,8 @@ class SpoolReader:
         except FileNotFoundError:
             return committed  # delivered and deleted: reading starts at the next segment
         try:
-            data = os.pread(fd, committed.offset, 0)
+            # Never more than the file holds: the offset may be anything up to 2**63.
+            data = os.pread(fd, min(committed.offset, os.fstat(fd).st_size), 0)
         finally:
             os.close(fd)
         boundary = frame_boundary_at_or_before(data, committed.offset)

@@ -659,3 +659,18 @@ def test_position_inside_a_frame_resumes_at_the_frame_end_before_it(tmp_path: Pa
     assert quarantined(tmp_path) == []
     assert segment.exists()
     reader.close()
+
+
+def test_position_past_the_end_of_its_segment_resumes_at_its_last_frame_end(
+    tmp_path: Path,
+) -> None:
+    segment = spool_of(tmp_path, 3)
+    # A hand-edited offset far past the file (reading that much would exhaust memory).
+    (tmp_path / "reader.position").write_text(
+        '{"format": 1, "segment": 1, "offset": 4611686018427387904}'
+    )
+    size = segment.stat().st_size
+    reader = SpoolReader(tmp_path)
+    assert reader.committed_position == SpoolPosition(1, size)
+    assert read_all(reader) == []
+    reader.close()
