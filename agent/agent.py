@@ -37,8 +37,9 @@ it runs no code. It is the agent's own file, 0600 beside the spool, and is refus
 this user owns it and no one else may write it: it decides which records a restart skips.
 
 Counters (`events_derived`, `batches_sent`, `send_failures`, `lag_bytes`,
-`records_quarantined`, ...) are plain attributes for the metrics endpoint; `readiness()`
-gives the reasons the agent is not fully working, as the proxy's `/readyz` does.
+`records_quarantined`, ...) are plain attributes, read only when `stats()` is asked for
+(by a scrape of the admin listener's `/metrics`, `agent.admin`); `readiness()` gives the
+reasons the agent is not fully working, which the admin listener's `/readyz` reports.
 """
 
 from __future__ import annotations
@@ -59,11 +60,13 @@ from typing import NamedTuple
 
 import msgspec
 
+from agent.admin import AdminListener, bind_admin
 from agent.batch import SEAL_OVERHEAD_BYTES, BatchBuilder, EventBatch, EventTooLargeError
 from agent.config import AgentProcessConfig
 from agent.derive import DeriveConfig, Deriver
 from agent.events import LineageEvent, encode
 from agent.keys import KeyProviderError, open_key_provider
+from agent.metrics import AgentStats
 from agent.process import module_main, resolve_dsn
 from agent.sink import DirectSink, KafkaSink, Sink, SinkError
 from agent.spool import (
@@ -305,6 +308,25 @@ class LineageAgent:
     def records_quarantined(self) -> int:
         """Spool records set aside (undecodable or damaged) rather than delivered."""
         return sum(tail.reader.metrics.records_quarantined for tail in self._tails.values())
+
+    def stats(self) -> AgentStats:
+        """The counters and gauges as they stand now (for the metrics endpoint)."""
+        return AgentStats(
+            records_read=self.records_read,
+            records_skipped=self.records_skipped,
+            records_failed=self.records_failed,
+            records_quarantined=self.records_quarantined,
+            events_derived=self.events_derived,
+            events_set_aside=self.events_set_aside,
+            events_sent=self.events_sent,
+            batches_sent=self.batches_sent,
+            send_failures=self.send_failures,
+            commits=self.commits,
+            lag_bytes=self.lag_bytes,
+            open_runs=self.open_runs,
+            spools_reading=len(self.spools),
+            spools_stopped=len(self._stopped_spools),
+        )
 
     def readiness(self) -> list[str]:
         """Reasons the agent is not fully working, empty when it is."""
@@ -557,16 +579,41 @@ async def open_sink(config: AgentProcessConfig) -> Sink:
 
 
 async def run_agent(config: AgentProcessConfig) -> None:
-    """Run the agent until SIGTERM or SIGINT."""
-    sink = await open_sink(config)
+    """Run the agent, and its admin listener when configured, until SIGTERM or SIGINT.
+
+    Stop order: the admin listener stops accepting, then the agent sends what it derived,
+    checkpoints and commits, then the sink closes."""
+    listen = config.agent.admin_listen
+    # Bound first: an address in use ends the start before the sink connects or migrates.
+    admin_socket = bind_admin(listen) if listen is not None else None
+    try:
+        sink = await open_sink(config)
+    except BaseException:
+        if admin_socket is not None:
+            admin_socket.close()
+        raise
     agent = LineageAgent(config, sink)
+    admin = AdminListener(agent, admin_socket) if admin_socket is not None else None
+    stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, agent.stop)
+        loop.add_signal_handler(signum, stopping.set)
+    running = asyncio.create_task(agent.run(), name="lineage-agent")
+    signalled = asyncio.create_task(stopping.wait(), name="lineage-agent-stop-signal")
     try:
-        await agent.run()
+        if admin is not None:
+            await admin.start()
+            log.info("agent admin listener on %s", admin.url)
+        await asyncio.wait((running, signalled), return_when=asyncio.FIRST_COMPLETED)
     finally:
-        await sink.close()
+        signalled.cancel()
+        if admin is not None:
+            await admin.stop()
+        agent.stop()
+        try:
+            await running
+        finally:
+            await sink.close()
     log.info(
         "agent stopped: %d records read, %d events sent in %d batches",
         agent.records_read,

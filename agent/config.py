@@ -12,6 +12,7 @@ same objects from the main file.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import stat
@@ -27,6 +28,31 @@ from agent.derive import DeriveConfig
 T = TypeVar("T")
 
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=86400)]
+Listen = Annotated[str, msgspec.Meta(pattern=r"^\S+:\d{1,5}$")]
+
+_LISTEN_RE = re.compile(
+    r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.\-]+)):(?P<port>\d{1,5})$"
+)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split `host:port` (or `[v6]:port`) into a bindable host and port, or raise ValueError.
+
+    Here, not in `lineage_sidecar.config`, so that the agent's own admin listener is
+    validated by the same rule as the proxy's without the agent importing the proxy."""
+    match = _LISTEN_RE.match(value)
+    if match is None:
+        raise ValueError(f"listen address must be host:port or [ipv6]:port, got {value!r}")
+    port = int(match["port"])
+    if port > 65535:
+        raise ValueError(f"port {port} is out of range 0-65535")
+    if match["v6"] is not None:
+        try:
+            ipaddress.IPv6Address(match["v6"])
+        except ValueError:
+            raise ValueError(f"{match['v6']!r} is not an IPv6 address") from None
+        return match["v6"], port
+    return match["host"], port
 
 
 def _doc(text: str) -> msgspec.Meta:
@@ -91,11 +117,23 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
             "kept in the checkpoint and continue after a restart."
         ),
     ] = False
+    admin_listen: Annotated[
+        Listen | None,
+        _doc(
+            "Address of the agent's admin listener (`/healthz`, `/readyz`, `/metrics`), "
+            "host:port; keep it on loopback or a private network. null: no listener."
+        ),
+    ] = "127.0.0.1:9902"
 
     def check(self) -> None:
         """Raise ValueError naming the field when the combination cannot work."""
         if self.retry_max < self.retry_initial:
             raise ValueError("agent.retry_max must be at least agent.retry_initial")
+        if self.admin_listen is not None:
+            try:
+                parse_listen(self.admin_listen)
+            except ValueError as exc:
+                raise ValueError(f"agent.admin_listen: {exc}") from None
 
 
 class KafkaConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

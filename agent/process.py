@@ -3,7 +3,8 @@
 One place for what `lineage-sidecar agent|ingest` and `python -m agent.agent|ingest` share:
 the store DSN given inline or by reference, logging to stderr, and start-up failures an
 operator fixes (a DSN or key reference that does not resolve, a store or Vault that
-refuses the connection) ending in one line and exit status 1 instead of a traceback.
+refuses the connection, an admin listener address in use) ending in one line and exit
+status 1 instead of a traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from agent.admin import AdminListenError
 from agent.config import load_file
 from agent.keys import KeyProviderError, resolve_secret_reference
 from agent.sink import SinkError
@@ -37,7 +39,7 @@ def serve(service: Coroutine[Any, Any, None], *, prog: str) -> int:
     )
     try:
         asyncio.run(service)
-    except (KeyProviderError, StoreError, SinkError) as exc:
+    except (KeyProviderError, StoreError, SinkError, AdminListenError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -190,6 +190,7 @@ def write_configs(setup: Setup, spool: Path, *, name: str, sink: str) -> tuple[P
             "max_batch_events": 5000,
             "linger": 0.1,
             "read_records": 5000,
+            "admin_listen": "127.0.0.1:0",
         },
         "derive": {"runs": {"end_header": END_HEADER}},
     }

@@ -44,10 +44,12 @@ from agent.config import (
     IngestProcessConfig,
     KafkaConfig,
     KeysConfig,
+    Listen,
     StoreConfig,
     UniqueKeyLoader,
     read_regular_file,
 )
+from agent.config import parse_listen as parse_listen  # shared with the agent's admin_listen
 from agent.derive import DeriveConfig
 from proxy.authn.idp.config import IdpConfig
 from proxy.authn.introspection import IntrospectionConfig
@@ -84,29 +86,6 @@ class Secret:
         return hash(self.value)
 
 
-_LISTEN_RE = re.compile(
-    r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.\-]+)):(?P<port>\d{1,5})$"
-)
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """Split `host:port` (or `[v6]:port`) into a bindable host and port, or raise ValueError."""
-    match = _LISTEN_RE.match(value)
-    if match is None:
-        raise ValueError(f"listen address must be host:port or [ipv6]:port, got {value!r}")
-    port = int(match["port"])
-    if port > 65535:
-        raise ValueError(f"port {port} is out of range 0-65535")
-    if match["v6"] is not None:
-        try:
-            ipaddress.IPv6Address(match["v6"])
-        except ValueError:
-            raise ValueError(f"{match['v6']!r} is not an IPv6 address") from None
-        return match["v6"], port
-    return match["host"], port
-
-
-Listen = Annotated[str, msgspec.Meta(pattern=r"^\S+:\d{1,5}$")]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=86400)]
 
 

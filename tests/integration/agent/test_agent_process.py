@@ -55,6 +55,7 @@ def write_config(path: Path, spool: Path, bootstrap: str, topic: str, keyring: P
             "tick_interval": 0.2,
             "retry_initial": 0.05,
             "retry_max": 0.5,
+            "admin_listen": "127.0.0.1:0",
         },
         "derive": {"runs": {"end_header": END_HEADER, "idle_timeout_ns": 3600 * 10**9}},
         "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "key_buckets": 8},

@@ -51,6 +51,7 @@ def shared_config(
             "tick_interval": 0.2,
             "retry_initial": 0.05,
             "retry_max": 0.5,
+            "admin_listen": "127.0.0.1:0",
         },
         "derive": {"runs": {"end_header": END_HEADER, "idle_timeout_ns": 3600 * 10**9}},
         "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "key_buckets": 8},
@@ -177,7 +178,11 @@ def test_an_unresolvable_vault_token_stops_agent_and_ingest_with_one_line(tmp_pa
     config.write_text(
         yaml.safe_dump(
             {
-                "agent": {"spool_dir": str(tmp_path / "spool"), "sink": "kafka"},
+                "agent": {
+                    "spool_dir": str(tmp_path / "spool"),
+                    "sink": "kafka",
+                    "admin_listen": "127.0.0.1:0",
+                },
                 "keys": {
                     "provider": "vault",
                     "vault": {

@@ -103,7 +103,12 @@ def test_restart_with_undelivered_spool_loses_nothing(
         agent_config.write_text(
             yaml.safe_dump(
                 {
-                    "agent": {"spool_dir": str(spool), "sink": "direct", "linger": 0.1},
+                    "agent": {
+                        "spool_dir": str(spool),
+                        "sink": "direct",
+                        "linger": 0.1,
+                        "admin_listen": "127.0.0.1:0",
+                    },
                     "store": {"dsn": f"file:{tmp_path / 'dsn'}"},
                 }
             )

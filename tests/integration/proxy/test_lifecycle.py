@@ -266,7 +266,11 @@ def test_agent_with_an_unresolvable_store_reference_is_one_line(tmp_path: Path) 
     config.write_text(
         yaml.safe_dump(
             {
-                "agent": {"spool_dir": str(tmp_path / "spool"), "sink": "direct"},
+                "agent": {
+                    "spool_dir": str(tmp_path / "spool"),
+                    "sink": "direct",
+                    "admin_listen": "127.0.0.1:0",
+                },
                 "store": {"dsn": "env:LINEAGE_TEST_NO_SUCH_VARIABLE"},
             }
         )

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import AgentProcessConfig, load_file
+from lineage_sidecar.config import AGENT_SECTIONS, ConfigError, load_process
 
 
 def test_a_key_given_twice_is_refused_with_its_line(tmp_path: Path) -> None:
@@ -41,3 +42,39 @@ def test_nesting_too_deep_for_the_parser_is_one_clear_error(tmp_path: Path) -> N
     path.write_text("agent: " + "[" * 5000 + "]" * 5000 + "\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"agent\.yaml: nested too deeply"):
         load_file(path, AgentProcessConfig)
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("127.0.0.1:70000", "port 70000 is out of range"),
+        ("[1:2:3]:9902", "is not an IPv6 address"),
+        ("host/x:9902", "must be host:port"),
+        ("no port", "Expected `str` matching regex"),
+    ],
+)
+def test_a_bad_admin_listen_is_refused_naming_the_field(
+    tmp_path: Path, value: str, problem: str
+) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text(f'agent:\n  admin_listen: "{value}"\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"agent\.admin_listen") as refused:
+        load_file(path, AgentProcessConfig)
+    assert problem in str(refused.value)
+    # The main configuration's loader (lineage-sidecar agent) refuses it the same way.
+    with pytest.raises(ConfigError, match=r"agent\.admin_listen") as refused_by_cli:
+        load_process(path, AgentProcessConfig, AGENT_SECTIONS, environ={})
+    assert problem in str(refused_by_cli.value)
+
+
+def test_the_admin_listener_is_on_loopback_by_default_and_null_turns_it_off(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text("agent:\n  spool_dir: /a\n", encoding="utf-8")
+    assert load_file(path, AgentProcessConfig).agent.admin_listen == "127.0.0.1:9902"
+    path.write_text("agent:\n  admin_listen: null\n", encoding="utf-8")
+    assert load_file(path, AgentProcessConfig).agent.admin_listen is None
+    config = load_process(path, AgentProcessConfig, AGENT_SECTIONS, environ={})
+    assert isinstance(config, AgentProcessConfig)
+    assert config.agent.admin_listen is None

@@ -1,0 +1,110 @@
+"""The agent's admin listener: liveness, readiness with reasons, and Prometheus metrics.
+
+The same contract as the proxy's admin listener, on a port of its own
+(`agent.admin_listen`, default `127.0.0.1:9902`): `GET /healthz` answers 200 while the
+process runs; `GET /readyz` answers 200 `{"ready": true, "reasons": []}` when the agent
+reports nothing wrong, else 503 with its reasons (a stopped spool, and why); `GET
+/metrics` is the text exposition of the agent's counters, read when scraped. Any other
+path is 404. The handlers decide nothing: the reasons and the values come from the agent.
+
+The socket is bound by `bind_admin` before the agent's sink is opened, so an address in
+use ends the start at once (`AdminListenError`, one line naming the field) instead of
+after a database migration.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Protocol
+
+import msgspec
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+
+from agent.config import parse_listen
+from agent.metrics import AgentCollector, AgentStats
+
+FIELD = "agent.admin_listen"
+
+
+class AdminListenError(Exception):
+    """The admin listener cannot be bound; the message is one line naming the field."""
+
+
+class ObservedAgent(Protocol):
+    """What the admin listener reads from the agent."""
+
+    def stats(self) -> AgentStats: ...
+
+    def readiness(self) -> list[str]: ...
+
+
+class Readiness(msgspec.Struct):
+    ready: bool
+    reasons: list[str]
+
+
+def admin_app(agent: ObservedAgent) -> web.Application:
+    encoder = msgspec.json.Encoder()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(AgentCollector(agent.stats))
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(_: web.Request) -> web.Response:
+        reasons = agent.readiness()
+        body = encoder.encode(Readiness(ready=not reasons, reasons=reasons))
+        return web.Response(
+            status=200 if not reasons else 503, body=body, content_type="application/json"
+        )
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(registry), headers={"Content-Type": "text/plain; version=0.0.4"}
+        )
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+def bind_admin(listen: str) -> socket.socket:
+    """A listening socket on `listen` (validated at load), or AdminListenError."""
+    host, port = parse_listen(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # SO_REUSEADDR: a restart is not refused by the last run's connections in
+        # TIME_WAIT. No SO_REUSEPORT: a second agent on the same port must fail.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise AdminListenError(
+            f"{FIELD}: cannot listen on {listen}: {exc.strerror or exc}"
+        ) from None
+    return sock
+
+
+class AdminListener:
+    """The admin listener of one agent, on a socket from `bind_admin`."""
+
+    def __init__(self, agent: ObservedAgent, sock: socket.socket) -> None:
+        self._runner = web.AppRunner(admin_app(agent), access_log=None, handle_signals=False)
+        self._socket = sock
+        host, self.port = sock.getsockname()[:2]
+        self.url = f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+    async def start(self) -> None:
+        await self._runner.setup()
+        await web.SockSite(self._runner, self._socket).start()
+
+    async def stop(self) -> None:
+        """Stop accepting and close the connections (a scrape in flight ends first)."""
+        await self._runner.cleanup()
+        self._socket.close()  # when it never started; a no-op once the site closed it
