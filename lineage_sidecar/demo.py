@@ -3,7 +3,9 @@
 Starts a real third-party data service (Datasette serving a small SQLite database of
 sales data) on a free loopback port, puts the proxy in front of it with TLS from a
 generated development CA, prints what to try, and writes the same facts as JSON to
-`<state-dir>/endpoints.json`. Ctrl-C (or SIGTERM) stops everything.
+`<state-dir>/endpoints.json`. Ctrl-C (or SIGTERM) stops everything. The lineage agent
+runs in this process, with its admin listener on `127.0.0.1:9902` (on a free port when
+that one is taken: `agent_admin_url` says where).
 
 What the demo does not have yet is written as null in endpoints.json, not faked: the
 lineage API (`api_url`), the policy directory and demo users arrive with the
@@ -35,6 +37,7 @@ import msgspec
 import uvloop
 import yaml
 
+from agent.admin import AdminListener, AdminListenError, bind_admin
 from agent.agent import LineageAgent, open_sink
 from agent.config import AgentProcessConfig
 from agent.events import InputDataset, Job, LineageEvent, OutputDataset, Run, RunEvent
@@ -239,6 +242,7 @@ def print_try_lines(facts: dict[str, Any]) -> None:
         "",
         f"  curl {facts['admin_url']}/readyz",
         f"  curl {facts['admin_url']}/metrics",
+        f"  curl {facts['agent_admin_url']}/metrics   # the lineage agent's",
         "  .venv/bin/lineage-sidecar policy explain --as alice GET /sales/secret.json",
         f"  .venv/bin/lineage-sidecar audit verify {facts['audit_log']}",
         "",
@@ -328,6 +332,18 @@ def sample_lineage() -> list[LineageEvent]:
 NS_SALES = "demo-sales"
 
 
+def agent_admin_socket(process: AgentProcessConfig) -> socket.socket:
+    """The agent's admin listener: on its usual port (9902) when free, else on any free
+    one; endpoints.json says which."""
+    listen = process.agent.admin_listen or "127.0.0.1:0"
+    try:
+        return bind_admin(listen)
+    except AdminListenError as exc:
+        host, _ = parse_listen(listen)
+        print(f"{exc}; the agent's admin listener takes a free port instead", flush=True)
+        return bind_admin(f"{host}:0")
+
+
 async def _run(
     config: Config,
     state_dir: Path,
@@ -340,6 +356,7 @@ async def _run(
     api: Proxy | None = None
     agent: LineageAgent | None = None
     agent_task: asyncio.Task[None] | None = None
+    agent_admin: AdminListener | None = None
     sink = None
     try:
         assert proxy.worker is not None
@@ -362,9 +379,12 @@ async def _run(
         sink = await open_sink(process)
         agent = LineageAgent(process, sink)
         agent_task = asyncio.get_running_loop().create_task(agent.run(), name="lineage-agent")
+        agent_admin = AdminListener(agent, agent_admin_socket(process))
+        await agent_admin.start()
 
         facts = endpoints(config, proxy, upstream, users)
         facts["api_url"] = f"https://{parse_listen(api_listen)[0]}:{api.port}"
+        facts["agent_admin_url"] = agent_admin.url
         facts["audit_log"] = config.policy.audit_log if config.policy is not None else None
         path = state_dir / "endpoints.json"
         path.write_text(json.dumps(facts, indent=2) + "\n")
@@ -379,6 +399,8 @@ async def _run(
     finally:
         # Stop order: stop taking requests, then let the agent deliver what they left.
         await proxy.stop()
+        if agent_admin is not None:
+            await agent_admin.stop()
         if agent is not None and agent_task is not None:
             agent.stop()
             await agent_task

@@ -13,6 +13,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 CLI = str(Path(sys.executable).with_name("lineage-sidecar"))
 
 
@@ -113,6 +115,18 @@ def test_demo_serves_the_contract_and_stops_cleanly(tmp_path: Path) -> None:
         assert "alice" in readers
         with urllib.request.urlopen(f"{facts['admin_url']}/readyz", timeout=5) as ready:
             assert json.loads(ready.read())["ready"] is True
+        # The agent that delivered alice's read has its own admin listener.
+        agent_admin = facts["agent_admin_url"]
+        with urllib.request.urlopen(f"{agent_admin}/readyz", timeout=5) as ready:
+            assert json.loads(ready.read())["ready"] is True
+        with urllib.request.urlopen(f"{agent_admin}/metrics", timeout=5) as scrape:
+            derived = {
+                sample.name: sample.value
+                for family in text_string_to_metric_families(scrape.read().decode())
+                for sample in family.samples
+            }
+        assert derived["lineage_agent_events_derived_total"] > 0
+        assert derived["lineage_agent_events_sent_total"] > 0
         assert "Lineage Sidecar demo is running" in log.read_text()
     finally:
         process.send_signal(signal.SIGINT)
