@@ -4,7 +4,9 @@
 `test CASES.yaml` runs a table of requests through the same normalization, route table and
 engine as the proxy and compares each decision with the expected one. `explain` shows how
 one request is decided: the normalized path, the route, the resource and action, and the
-rule that decided (or why nothing allowed it).
+rule that decided (or why nothing allowed it). A route that authorizes its SQL table by
+table (`sql: {..., tables: ...}`) is decided by the proxy gate's own functions, so a query
+string's `?sql=select * from secret` is denied here as it is there.
 
 Exit status: 0 when everything holds; 1 when the policy is invalid, a case fails or an
 explained request is denied; 2 when a test-case file cannot be used.
@@ -22,8 +24,10 @@ from typing import Any, Final, TextIO
 import yaml
 
 from agent.config import UniqueKeyLoader
+from proxy.authn.principal import Principal
 from proxy.authz.paths import PathRejected
 from proxy.authz.store import PolicyLoadError, PolicySnapshot, decide_principal, load_snapshot
+from proxy.gate import sql_decision, sql_from_query
 
 __all__ = [
     "Explanation",
@@ -62,6 +66,11 @@ class Explanation:
     rule: tuple[str, ...] | None = None
     rule_source: str | None = None
     subjects: tuple[str, ...] = ()
+    # The SQL the route authorizes table by table, and the route's own (allowing) rule,
+    # when the outcome is the decision on those tables.
+    sql: str | None = None
+    route_rule: tuple[str, ...] | None = None
+    route_rule_source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,18 @@ def explain_request(
     decision = decide_principal(
         snapshot.engine, subject, roles, match.resource, match.action, domain
     )
+    route_decision = None
+    # As in Gate._authorize: a route allowed, whose SQL in the query is authorized per table.
+    source = match.route.sql
+    sql = None
+    if decision.allowed and source is not None and source.tables is not None:
+        sql = sql_from_query(match.path.query, source.param)
+        if sql is not None:
+            principal = Principal(
+                id=subject, issuer="policy explain", auth_method="anonymous", roles=tuple(roles)
+            )
+            route_decision = decision
+            decision = sql_decision(snapshot.engine, principal, match, source, source.tables, sql)
     return Explanation(
         method,
         target,
@@ -120,6 +141,9 @@ def explain_request(
         rule=decision.rule,
         rule_source=decision.source,
         subjects=subjects,
+        sql=sql,
+        route_rule=route_decision.rule if route_decision is not None else None,
+        route_rule_source=route_decision.source if route_decision is not None else None,
     )
 
 
@@ -286,6 +310,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if outcome.resource is not None:
         print(f"resource:   {outcome.resource}")
         print(f"action:     {outcome.action}")
+    if outcome.sql is not None:
+        if outcome.route_rule is not None:
+            print(f"route rule: {', '.join(outcome.route_rule)}  ({outcome.route_rule_source})")
+        print(f"sql:        {outcome.sql}")
     print(f"decision:   {'allow' if outcome.allowed else 'deny'}")
     print(f"reason:     {outcome.reason}")
     if outcome.rule is not None:
@@ -336,6 +364,10 @@ def add_policy_commands(subparsers: Any) -> None:
     )
     explain.add_argument("--domain", help="domain, for models with domains")
     explain.add_argument("method", help="HTTP method, e.g. GET")
-    explain.add_argument("target", help="request target as sent, e.g. /sales/orders?_size=5")
+    explain.add_argument(
+        "target",
+        help="request target as sent, query included: /sales/orders?_size=5, or "
+        "'/sales.json?sql=select+*+from+orders' (its SQL is authorized table by table)",
+    )
     _files(explain)
     explain.set_defaults(func=cmd_explain)

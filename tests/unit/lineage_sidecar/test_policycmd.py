@@ -226,3 +226,54 @@ def test_explain_with_an_invalid_policy(copied: Path, capsys: pytest.CaptureFixt
     (copied / "model.conf").write_text("[request_definition]\nr = sub\n", encoding="utf-8")
     assert run(["explain", "--as", "alice", "GET", "/", *files(copied)]) == 1
     assert capsys.readouterr().err.startswith(str(copied / "model.conf"))
+
+
+# -- SQL authorized table by table ----------------------------------------------------------
+
+
+def test_explain_sql_reading_a_denied_table(capsys: pytest.CaptureFixture[str]) -> None:
+    """The route allows alice the database, but the proxy's gate denies the secret table
+    the SQL reads: explain says so, with the deny rule (docs/quickstart.md)."""
+    target = "/sales.json?sql=select+*+from+secret"
+    assert run(["explain", "--as", "alice", "GET", target, *files()]) == 1
+    out = capsys.readouterr().out
+    assert "route rule: analyst, database:sales, read, allow  (" in out
+    assert "sql:        select * from secret" in out
+    assert "decision:   deny" in out
+    assert "reason:     SQL reads dataset:sales.secret: matched deny rule" in out
+    assert "rule:       analyst, dataset:sales.secret, *, deny  (" in out
+
+
+def test_explain_sql_reading_allowed_tables(capsys: pytest.CaptureFixture[str]) -> None:
+    target = "/sales/-/query.json?sql=select+*+from+orders+join+customers+using(id)"
+    assert run(["explain", "--as", "alice", "GET", target, *files()]) == 0
+    out = capsys.readouterr().out
+    assert "decision:   allow" in out
+    assert "reason:     SQL tables allowed (2 checked)" in out
+
+
+def test_explain_sql_the_proxy_cannot_read_is_denied(capsys: pytest.CaptureFixture[str]) -> None:
+    target = "/sales?sql=select+*+from+other.orders"
+    assert run(["explain", "--as", "carol", "GET", target, *files()]) == 1
+    assert "tables of another database are not allowed" in capsys.readouterr().out
+
+
+def test_cases_decide_the_sql_in_the_path(copied: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cases = copied / "cases.yaml"
+    cases.write_text(
+        "cases:\n"
+        "  - {name: sql secret, as: alice, method: GET,"
+        " path: '/sales.json?sql=select+*+from+secret', expect: deny}\n"
+        "  - {name: sql orders, as: alice, method: GET,"
+        " path: '/sales?sql=select+id+from+orders', expect: allow}\n"
+        "  - {name: sql secret leak, as: bob, method: GET,"
+        " path: '/sales?sql=select+*+from+orders,secret', expect: allow}\n",
+        encoding="utf-8",
+    )
+    assert run(["test", str(cases), *files(copied)]) == 1
+    out = capsys.readouterr().out
+    assert "PASS  sql secret: " in out
+    assert "PASS  sql orders: " in out
+    assert "FAIL  sql secret leak: " in out
+    assert "SQL reads dataset:sales.secret: matched deny rule" in out
+    assert "2 passed, 1 failed" in out
