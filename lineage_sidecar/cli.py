@@ -1,7 +1,9 @@
 """`lineage-sidecar`: the one console script, a subcommand per process or tool.
 
 Every subcommand takes `--config FILE`; a configuration that cannot be used ends the
-command with exit status 2 and one line on standard error naming the field.
+command with exit status 2 and one line on standard error naming the field. For the proxy
+that includes a file it names (certificate, users, policy, routes) that cannot be read,
+with `--check` as at a real start.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from lineage_sidecar.config import ConfigError, load
+from lineage_sidecar.config import ConfigError, check_files, load
 
 EXIT_CONFIG = 2
 
@@ -20,6 +22,9 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
     config = load(args.config)
     if args.command == "api" and config.api is None:
         raise ConfigError(f"{args.config}: api: section required for 'lineage-sidecar api'")
+    # Before --check answers and before anything starts: a file named but missing is a
+    # configuration error (exit 2, one line), not a failure halfway through the start.
+    check_files(config, args.config)
     if args.check:
         print(f"{args.config}: ok")
         return 0
