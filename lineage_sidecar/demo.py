@@ -28,6 +28,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,12 +185,21 @@ def demo_config(
         },
         "capture": {"spool_dir": str(state_dir / "spool"), "service": NS_SALES},
     }
-    for section, values in overrides.items():
-        if isinstance(values, dict) and isinstance(raw.get(section), dict):
-            raw[section].update(values)
+    return from_mapping(merge_config(raw, overrides), source="demo", environ=os.environ)
+
+
+def merge_config(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `overrides` laid over it, at any depth: where both hold a mapping, the
+    override's keys replace or add to the base's one by one; any other value (a list, a
+    scalar, null) replaces the base's. Neither argument is changed."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        current = merged.get(key)
+        if isinstance(value, Mapping) and isinstance(current, Mapping):
+            merged[key] = merge_config(dict(current), value)
         else:
-            raw[section] = values
-    return from_mapping(raw, source="demo", environ=os.environ)
+            merged[key] = value
+    return merged
 
 
 def endpoints(config: Config, proxy: Proxy, upstream: str, users: list[DemoUser]) -> dict[str, Any]:
