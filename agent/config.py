@@ -59,6 +59,11 @@ def _doc(text: str) -> msgspec.Meta:
     return msgspec.Meta(description=text)
 
 
+# A string that holds a `file:` / `env:` reference to a secret; the configuration
+# reference marks such fields *secret* (lineage_sidecar/configdoc.py reads this).
+SECRET_REFERENCE = msgspec.Meta(extra={"secret": True})
+
+
 class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The agent: tails the proxy's spool, derives lineage, batches and ships it."""
 
@@ -220,6 +225,7 @@ class VaultConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     ]
     token: Annotated[
         str,
+        SECRET_REFERENCE,
         _doc(
             "Vault token as a `file:PATH` or `env:NAME` reference, never inline. A file is "
             "re-read on every call, so a token renewed into it (Vault Agent) is used without "
@@ -315,6 +321,7 @@ class StoreConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
     dsn: Annotated[
         str,
+        SECRET_REFERENCE,
         _doc(
             "PostgreSQL DSN, or a `file:PATH` / `env:NAME` reference to one (it holds a password)."
         ),

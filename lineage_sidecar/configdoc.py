@@ -29,6 +29,9 @@ status 2 and one line naming the field.
 
 def _type_name(info: mi.Type) -> str:
     if isinstance(info, mi.Metadata):
+        # A string declared to hold a file:/env: reference is a secret to the reader.
+        if info.extra and info.extra.get("secret"):
+            return "secret"
         return _type_name(info.type)
     if isinstance(info, mi.UnionType):
         return " or ".join(_type_name(t) for t in info.types)
@@ -36,6 +39,9 @@ def _type_name(info: mi.Type) -> str:
         return " or ".join(json.dumps(v) for v in info.values)
     if isinstance(info, mi.ListType):
         return f"list of {_type_name(info.item_type)}"
+    if isinstance(info, mi.SetType | mi.FrozenSetType):
+        # Written as a YAML list; a value given twice counts once.
+        return f"list of {_type_name(info.item_type)} (unique)"
     if isinstance(info, mi.TupleType | mi.VarTupleType):
         inner = info.item_type if isinstance(info, mi.VarTupleType) else info.item_types[0]
         return f"list of {_type_name(inner)}"
@@ -50,7 +56,11 @@ def _type_name(info: mi.Type) -> str:
         mi.BoolType: "boolean",
         mi.NoneType: "null",
     }
-    return names.get(type(info), type(info).__name__)
+    name = names.get(type(info))
+    if name is None:
+        # A type not named above would leak msgspec's class name into the reference.
+        raise TypeError(f"configdoc: no reader's name for {type(info).__name__}")
+    return name
 
 
 def _bounds(info: mi.Type) -> str:

@@ -9,6 +9,8 @@ COMPLETE/FAIL events. The same records always give the same events with the same
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
 from agent.capture import CaptureRecord
@@ -21,11 +23,21 @@ from agent.events import LineageEvent, RunEvent
 __all__ = ["DeriveConfig", "Deriver"]
 
 
-class DeriveConfig(msgspec.Struct, frozen=True, kw_only=True):
+class DeriveConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Lineage derivation: run correlation, redaction, SQL limits."""
+
     runs: RunConfig = RunConfig()
     redaction: RedactionRules = RedactionRules()
-    # SQL texts longer than this (UTF-8 bytes) are recorded as unparsed, not analysed.
-    max_sql_bytes: int = DEFAULT_MAX_SQL_BYTES
+    max_sql_bytes: Annotated[
+        int,
+        # At most what a capture record can hold (1 MiB): a larger limit would never apply.
+        msgspec.Meta(ge=0, le=1 << 20),
+        msgspec.Meta(
+            description="SQL texts longer than this (UTF-8 bytes) are recorded as unparsed, "
+            "with their size, and never analysed; parsing time grows with the text. 0: no "
+            "SQL is analysed."
+        ),
+    ] = DEFAULT_MAX_SQL_BYTES
 
 
 class Deriver:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Mapping
+from typing import Annotated
 from urllib.parse import quote_plus, unquote_plus
 
 import msgspec
@@ -75,10 +76,17 @@ _SECRET_FRAGMENTS = (
 _WORD_SPLIT = re.compile(r"[^A-Za-z0-9]+|(?<=[a-z0-9])(?=[A-Z])")
 
 
-class RedactionRules(msgspec.Struct, frozen=True, kw_only=True):
+class RedactionRules(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Configured redaction: header names (any case) whose values never leave the sidecar."""
 
-    header_names: frozenset[str] = frozenset()
+    header_names: Annotated[
+        frozenset[Annotated[str, msgspec.Meta(min_length=1, max_length=256)]],
+        msgspec.Meta(
+            description="Captured header names (any case) whose values are masked, besides "
+            "Authorization, Proxy-Authorization, Cookie, Set-Cookie and X-Api-Key, which "
+            "always are."
+        ),
+    ] = frozenset()
 
     def secret_headers(self) -> frozenset[str]:
         return CREDENTIAL_HEADERS | {name.lower() for name in self.header_names}

@@ -32,6 +32,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import msgspec
 
@@ -65,27 +66,75 @@ MAX_SQL_PROBLEMS_PER_RUN = 100
 MAX_CLOCK_LEAD_NS = 5_000_000_000
 
 
-class RunConfig(msgspec.Struct, frozen=True, kw_only=True):
+# A header name as the capture records it: lower case (the tap lower-cases the names).
+_HEADER_NAME = msgspec.Meta(min_length=1, max_length=256, pattern=r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
+_SECOND_NS = 1_000_000_000
+
+
+class RunConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """How requests are grouped into runs."""
 
-    # OpenLineage job namespace of every run this agent emits.
-    job_namespace: str = "lineage-sidecar"
-    # Header (lower case, one of the proxy's captured correlation headers) whose value
-    # names a run; it wins over the trace id.
-    run_header: str | None = None
-    # Header whose value names the job; without it the job is named after the principal.
-    job_header: str | None = None
-    # Header that ends a run: "end"/"complete"/"done"/"true"/"1", or "fail" to fail it.
-    end_header: str | None = None
-    # A run with no request for this long is complete.
-    idle_timeout_ns: int = 30_000_000_000
-    # Open runs kept in memory; beyond this the least recently active is completed.
-    max_open_runs: int = 10_000
-    # Datasets (inputs plus outputs) and column edges kept per run; beyond this the run's
-    # lists are cut and its facet says `truncated`. The lists are also cut where inputs x
-    # outputs would pass `agent.events.MAX_EDGES_PER_EVENT`: the event is still emitted.
-    max_datasets_per_run: int = 1_000
-    max_column_links_per_run: int = 10_000
+    job_namespace: Annotated[
+        str,
+        msgspec.Meta(min_length=1, max_length=1024),
+        msgspec.Meta(description="OpenLineage job namespace of every run this agent emits."),
+    ] = "lineage-sidecar"
+    run_header: Annotated[
+        Annotated[str, _HEADER_NAME] | None,
+        msgspec.Meta(
+            description="Header (lower case, one of the proxy's capture.correlation_headers) "
+            "whose value names a run; it wins over the trace id. null: runs follow the W3C "
+            "traceparent."
+        ),
+    ] = None
+    job_header: Annotated[
+        Annotated[str, _HEADER_NAME] | None,
+        msgspec.Meta(
+            description="Header (lower case, captured) whose value names the job; without it "
+            "the job is named after the principal."
+        ),
+    ] = None
+    end_header: Annotated[
+        Annotated[str, _HEADER_NAME] | None,
+        msgspec.Meta(
+            description="Header (lower case, captured) that ends a run: "
+            '"end"/"complete"/"done"/"true"/"1", or "fail" to fail it.'
+        ),
+    ] = None
+    idle_timeout_ns: Annotated[
+        int,
+        msgspec.Meta(ge=_SECOND_NS // 1000, le=7 * 86400 * _SECOND_NS),
+        msgspec.Meta(
+            description="A run with no request for this long is complete (nanoseconds, "
+            "1 ms to 7 days)."
+        ),
+    ] = 30 * _SECOND_NS
+    max_open_runs: Annotated[
+        int,
+        msgspec.Meta(ge=1, le=10_000_000),
+        msgspec.Meta(
+            description="Open runs kept in memory; beyond this the least recently active "
+            "is completed."
+        ),
+    ] = 10_000
+    # The lists are also cut where inputs x outputs would pass
+    # `agent.events.MAX_EDGES_PER_EVENT`: the event is still emitted.
+    max_datasets_per_run: Annotated[
+        int,
+        msgspec.Meta(ge=1, le=1_000_000),
+        msgspec.Meta(
+            description="Datasets (inputs plus outputs) kept per run; beyond this the run's "
+            "lists are cut and its facet says `truncated`."
+        ),
+    ] = 1_000
+    max_column_links_per_run: Annotated[
+        int,
+        msgspec.Meta(ge=0, le=10_000_000),
+        msgspec.Meta(
+            description="Column lineage edges kept per run; beyond this they are cut and the "
+            "run's facet says `truncated`. 0: no column lineage."
+        ),
+    ] = 10_000
 
 
 def trace_id(traceparent: str | None) -> str | None:

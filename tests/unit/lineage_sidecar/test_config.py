@@ -221,6 +221,50 @@ def test_configuration_reference_matches_the_declarations() -> None:
     )
 
 
+def test_every_field_in_the_reference_has_a_type_and_a_meaning() -> None:
+    from lineage_sidecar.configdoc import render
+
+    rows = [line for line in render().splitlines() if line.startswith("| `")]
+    assert rows
+    for row in rows:
+        name, kind, _default, meaning = (cell.strip() for cell in row.strip("|").split(" | ", 3))
+        assert meaning, f"{name} has no description"
+        assert "Type" not in kind, f"{name}: {kind}"
+
+
+def test_the_reference_marks_secret_references() -> None:
+    from lineage_sidecar.configdoc import render
+
+    text = render()
+    assert "| `token` | secret | `required` |" in text
+    assert '| `dsn` | secret | `"env:LS_PG_DSN"` |' in text
+    assert "| `header_names` | list of string (unique) | `[]` |" in text
+
+
+@pytest.mark.parametrize(
+    ("derive", "field"),
+    [
+        ({"max_sql_bytes": -5}, "derive.max_sql_bytes"),
+        ({"max_sql_bytes": 1 << 30}, "derive.max_sql_bytes"),
+        ({"runs": {"idle_timeout_ns": 0}}, "derive.runs.idle_timeout_ns"),
+        ({"runs": {"max_open_runs": 0}}, "derive.runs.max_open_runs"),
+        ({"runs": {"run_header": "X-Run-Id"}}, "derive.runs.run_header"),
+        ({"runs": {"job_namespace": ""}}, "derive.runs.job_namespace"),
+        ({"redaction": {"header_names": [""]}}, "derive.redaction.header_names"),
+        ({"max_sql_byte": 1}, "derive"),
+    ],
+)
+def test_derive_values_out_of_bounds_are_refused(
+    tmp_path: Path, derive: object, field: str
+) -> None:
+    path = write(tmp_path, {**MINIMAL, "derive": derive})
+    with pytest.raises(ConfigError, match=rf"{path}: {field}[:\[]") as info:
+        load_process(path, AgentProcessConfig, AGENT_SECTIONS, environ={})
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match=field):
+        load(path, environ={})
+
+
 # ---- keys: a local keyring or Vault Transit -------------------------------------------
 
 VAULT = {"address": "https://vault.example:8200", "token": "file:/run/secrets/vault-token"}
