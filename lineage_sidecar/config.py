@@ -451,7 +451,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     ingest: IngestConfig | None = None
 
 
-def _resolve_secret(raw: str, field_path: str) -> Secret:
+def _resolve_secret(raw: str, field_path: str | None) -> Secret:
+    """The secret `raw` refers to; an inline value is taken as it is, with a warning naming
+    `field_path` (None: the caller warns once it knows the field, see `_warn_inline`)."""
     if raw.startswith("file:"):
         path = raw[len("file:") :]
         try:
@@ -471,16 +473,36 @@ def _resolve_secret(raw: str, field_path: str) -> Secret:
         if value is None:
             raise ValueError(f"environment variable {name!r} is not set")
         return Secret(value, source=raw)
-    log.warning("config field %s holds an inline secret; prefer file: or env:", field_path)
+    if field_path is not None:
+        _warn_inline(field_path)
     return Secret(raw, source="inline")
 
 
+def _warn_inline(field_path: str) -> None:
+    log.warning("config field %s holds an inline secret; prefer file: or env:", field_path)
+
+
 def _dec_hook(kind: type, value: Any) -> Any:
+    # msgspec does not tell a hook where the value is: from_mapping warns about inline
+    # secrets after the conversion, when their field paths are known.
     if kind is Secret:
         if not isinstance(value, str):
             raise ValueError("a secret must be a string: file:PATH, env:NAME or the value")
-        return _resolve_secret(value, "secret")
+        return _resolve_secret(value, None)
     raise NotImplementedError(f"cannot decode {kind!r}")
+
+
+def _inline_secrets(value: object, path: str) -> Iterator[str]:
+    """The field paths (`redis.password`) of the inline secrets in a decoded config."""
+    if isinstance(value, Secret):
+        if value.source == "inline":
+            yield path
+    elif isinstance(value, msgspec.Struct):
+        for name in value.__struct_fields__:
+            yield from _inline_secrets(getattr(value, name), f"{path}.{name}" if path else name)
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            yield from _inline_secrets(item, f"{path}[{index}]")
 
 
 def _parse_yaml(text: str) -> Any:
@@ -759,6 +781,8 @@ def from_mapping(
         field, problem = _field_path(str(exc))
         where = f" {field}:" if field else ""
         raise ConfigError(f"{source}:{where} {problem}") from None
+    for field_path in _inline_secrets(config, ""):
+        _warn_inline(field_path)
     try:
         _check(config)
     except ConfigError as exc:

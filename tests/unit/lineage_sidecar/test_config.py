@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import resource
 import threading
@@ -539,3 +540,19 @@ def test_keys_merged_from_an_anchor_may_be_overridden(tmp_path: Path) -> None:
     )
     raw = read_mapping(write(tmp_path, text))
     assert raw["proxy"]["limits"] == {"max_headers": 60, "max_header_bytes": 4096}
+
+
+def test_an_inline_secret_warning_names_the_field(caplog: pytest.LogCaptureFixture) -> None:
+    raw = {
+        "proxy": {"upstream": "http://a:1", "tls": {"key_password": "pw"}},
+        "redis": {"url": "redis://127.0.0.1:6379", "password": "hunter2"},
+    }
+    with caplog.at_level(logging.WARNING, logger="lineage_sidecar.config"):
+        config = from_mapping(raw)
+    assert config.redis is not None
+    assert config.redis.password == Secret("hunter2", "inline")
+    assert [r.getMessage() for r in caplog.records] == [
+        "config field proxy.tls.key_password holds an inline secret; prefer file: or env:",
+        "config field redis.password holds an inline secret; prefer file: or env:",
+    ]
+    assert "hunter2" not in caplog.text
