@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import resource
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -177,6 +179,28 @@ def test_missing_and_binary_files(tmp_path: Path) -> None:
 def test_shipped_example_configs_load() -> None:
     for path in sorted(Path(__file__).resolve().parents[3].joinpath("config").glob("*.yaml")):
         assert isinstance(load(path, environ={}), Config), path
+
+
+_OVERRIDE = re.compile(r"\b(LINEAGE_SIDECAR_[A-Z0-9_]+)=(\S+)")
+
+
+def test_override_examples_in_the_shipped_configs_work() -> None:
+    """Each comment line of `VARIABLE=value` assignments is one example: applied together,
+    they load, and each sets the field it names."""
+    examples = 0
+    for path in sorted(Path(__file__).resolve().parents[3].joinpath("config").glob("*.yaml")):
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            environ = dict(_OVERRIDE.findall(line)) if line.lstrip().startswith("#") else {}
+            if not environ:
+                continue
+            examples += 1
+            config: Any = load(path, environ=environ)
+            for name, value in environ.items():
+                node = config
+                for part in name.removeprefix("LINEAGE_SIDECAR_").lower().split("__"):
+                    node = getattr(node, part)
+                assert str(node) == value, f"{path}:{number}: {name}"
+    assert examples
 
 
 @given(st.text(max_size=60))
