@@ -19,7 +19,10 @@ HEADER = f"""# Configuration reference
 Generated from `lineage_sidecar/config.py` by `python -m lineage_sidecar.configdoc`; do not
 edit by hand. One YAML file holds every section. Any field can be overridden from the
 environment: `{ENV_PREFIX}<SECTION>__<FIELD>[__<FIELD>]`, e.g. `{ENV_PREFIX}PROXY__WORKERS=4`
-(values are read as YAML, so `true`, `4` and `[a, b]` work). Fields marked *secret* take
+(values are read as YAML, so `true`, `4` and `[a, b]` work). A field inside a list item
+(`auth.jwt_issuers[0].issuer`) has no variable of its own: give the whole list, e.g.
+`{ENV_PREFIX}AUTH__JWT_ISSUERS='[{{issuer: "https://idp", audiences: [api], jwks_url: "https://idp/jwks"}}]'`.
+Fields marked *secret* take
 `file:/path` or `env:NAME`; the file must be a regular file (symlinks are followed) of at
 most {SECRET_MAX_BYTES // 1024} KiB, as the configuration file must be one of at most 1 MB
 (docs/security.md, "Secrets in configuration"). A bad value stops the command with exit
