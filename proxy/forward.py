@@ -89,6 +89,10 @@ UNSUPPORTED_VERSION = "lineage_sidecar.unsupported_version"
 # Responses up to this size that have fully arrived are answered in one write.
 SMALL_BODY = 64 * 1024
 
+# Methods a proxy may send again on its own (RFC 9110 section 9.2.2): repeating them has
+# the same effect on the upstream as sending them once.
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
 _HOST_RE = re.compile(r"^(?:[A-Za-z0-9\-._~]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?$")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9\-_.:]{1,128}$")
 
@@ -435,9 +439,16 @@ class Forwarder:
             try:
                 await conn.wait_headers(self._read_timeout)
             except UpstreamError as exc:
-                # A kept-alive connection the upstream closed just as we reused it: safe to
-                # try once more on a fresh one when no body was sent and nothing came back.
-                if not (conn.reused and exc.before_response and not has_body):
+                # A kept-alive connection the upstream closed just as we reused it: try once
+                # more on a fresh one when nothing came back, no body was sent and the method
+                # is idempotent. The upstream may have acted on a POST before closing, so a
+                # second copy could repeat its effect: the client gets the 502 instead.
+                if not (
+                    conn.reused
+                    and exc.before_response
+                    and not has_body
+                    and request.method in IDEMPOTENT
+                ):
                     raise
                 pool.release(conn, reusable=False)
                 conn = await pool.acquire()

@@ -1,0 +1,28 @@
+"""An upstream that breaks the rules of HTTP/1.1 gets a 502 for the client, never a
+response passed on half-checked, and requests are not sent to it twice when they must not
+be. Each case runs against both of aiohttp's HTTP parsers (the plain_proxy fixture)."""
+
+from __future__ import annotations
+
+import secrets
+
+import pytest
+
+from tests.integration.proxy.conftest import RunningProxy
+from tests.integration.proxy.rawhttp import exchange, get
+from tests.integration.proxy.test_bad_input import upstream_log
+
+
+@pytest.mark.parametrize("method", ["POST", "PATCH"])
+def test_non_idempotent_request_is_not_resent_after_a_reused_connection_closes(
+    plain_proxy: RunningProxy, method: str
+) -> None:
+    # An answered request leaves a kept-alive connection in the pool for the next one.
+    assert get(plain_proxy.port, "/warm").status == 200
+    target = f"/__close_early?mark={secrets.token_hex(6)}"
+    raw = f"{method} {target} HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n".encode()
+    reply = exchange(plain_proxy.port, raw, method=method)
+    assert reply.status == 502
+    assert reply.json()["error"] == "upstream_closed"
+    seen = [entry for entry in upstream_log(plain_proxy) if entry.get("target") == target]
+    assert [entry["method"] for entry in seen] == [method]
