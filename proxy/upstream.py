@@ -99,8 +99,23 @@ class UpstreamConnection(asyncio.Protocol):
             )
 
     def connection_lost(self, exc: Exception | None) -> None:
+        closed_by_upstream = not self.closed
         self.closed = True
         self._pool.forget(self)
+        if (
+            not self.message_done
+            and self.headers_done
+            and closed_by_upstream
+            and exc is None
+            and self._body_runs_to_close()
+        ):
+            # The response named no length (an HTTP/1.0 server, or `Connection: close`):
+            # its body ends where the connection does (RFC 9112 section 6.3), so a clean
+            # close completes it. llhttp cannot be told of the end of input through
+            # httptools, hence the decision here. Such a connection is never reused.
+            self.keep_alive = False
+            self.message_done = True
+            self._wake()
         if not self.message_done:
             self._fail(
                 UpstreamError(
@@ -122,6 +137,19 @@ class UpstreamConnection(asyncio.Protocol):
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def _body_runs_to_close(self) -> bool:
+        """Whether the response's headers leave its body delimited by the connection's
+        close: no Content-Length and no chunked coding. Only asked when it closes."""
+        for name, value in self.headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                return False
+            if lname == b"transfer-encoding":
+                final_coding = value.rpartition(b",")[2].strip().lower()
+                if final_coding == b"chunked":
+                    return False
+        return True
 
     # --- httptools callbacks ------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:

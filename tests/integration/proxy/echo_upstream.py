@@ -13,6 +13,9 @@ Special paths:
   /__big?bytes=N    stream N bytes of body (Content-Length set)
   /__chunked?n=N    answer with N chunks of 1 KiB each, chunked
   /__head_len       answer HEAD/GET with Content-Length 12345 (body only for GET)
+  /__until_close?version=V&bytes=N
+                    answer HTTP/V (1.0 or 1.1, with Connection: close) with N bytes of body
+                    and no length: the body ends where the connection does
 """
 
 from __future__ import annotations
@@ -157,6 +160,12 @@ class EchoProtocol(asyncio.Protocol):
         elif path == "/__head_len":
             body = b"h" * 12345 if request["method"] != "HEAD" else b""
             write(b"HTTP/1.1 200 OK\r\nContent-Length: 12345\r\n\r\n" + body)
+        elif path == "/__until_close":
+            version = query.get("version", ["1.0"])[0].encode()
+            close = b"Connection: close\r\n" if version == b"1.1" else b""
+            write(b"HTTP/%b 200 OK\r\nContent-Type: text/plain\r\n%b\r\n" % (version, close))
+            write(close_delimited_body(int(query["bytes"][0])))
+            self.transport.close()
         else:
             self.send(200, json.dumps(request).encode(), request["method"] == "HEAD")
 
@@ -168,6 +177,12 @@ class EchoProtocol(asyncio.Protocol):
             b"Connection: keep-alive, X-Drop-Me\r\nX-Drop-Me: secret\r\nKeep-Alive: timeout=30\r\n"
             b"\r\n%b" % (status, len(body), b"" if head else body)
         )
+
+
+def close_delimited_body(size: int) -> bytes:
+    """The body /__until_close sends: numbered lines, so a lost or repeated piece shows."""
+    lines = b"".join(b"%08d\n" % n for n in range(size // 9 + 1))
+    return lines[:size]
 
 
 async def main(port_file: Path) -> None:

@@ -4,11 +4,13 @@ be. Each case runs against both of aiohttp's HTTP parsers (the plain_proxy fixtu
 
 from __future__ import annotations
 
+import http.client
 import secrets
 
 import pytest
 
 from tests.integration.proxy.conftest import RunningProxy
+from tests.integration.proxy.echo_upstream import close_delimited_body
 from tests.integration.proxy.rawhttp import exchange, get
 from tests.integration.proxy.test_bad_input import upstream_log
 
@@ -26,3 +28,23 @@ def test_non_idempotent_request_is_not_resent_after_a_reused_connection_closes(
     assert reply.json()["error"] == "upstream_closed"
     seen = [entry for entry in upstream_log(plain_proxy) if entry.get("target") == target]
     assert [entry["method"] for entry in seen] == [method]
+
+
+@pytest.mark.parametrize("size", [0, 300_000])
+@pytest.mark.parametrize("version", ["1.0", "1.1"])
+def test_body_delimited_by_the_upstream_closing_arrives_whole(
+    plain_proxy: RunningProxy, version: str, size: int
+) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", plain_proxy.port, timeout=10)
+    try:
+        connection.request("GET", f"/__until_close?version={version}&bytes={size}")
+        response = connection.getresponse()
+        assert response.status == 200
+        assert response.read() == close_delimited_body(size)
+        # The client's connection stays usable: the body's end was framed for it.
+        connection.request("GET", "/after")
+        after = connection.getresponse()
+        assert after.status == 200
+        after.read()
+    finally:
+        connection.close()
