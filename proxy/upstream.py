@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 # Pause reading from the upstream while this much body is waiting for a slow client.
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
+# A response's head (status line, header fields, interim responses) is held whole before
+# any of it is forwarded: past these limits it is refused with a 502 and the connection
+# closed. Generous next to the request side's limits: services send large cookies and
+# policies, but not megabytes.
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADERS = 100
 
 
 class UpstreamError(Exception):
@@ -38,6 +44,16 @@ class UpstreamError(Exception):
         self.message = message
         # True when nothing of a response arrived: a request without a body may be retried.
         self.before_response = before_response
+
+
+def _head_too_large() -> UpstreamError:
+    return UpstreamError(
+        "protocol",
+        502,
+        f"upstream sent more than {MAX_HEADERS} response header fields "
+        f"or {MAX_HEAD_BYTES} bytes of them",
+        before_response=False,
+    )
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -63,6 +79,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers_done = False
         self.message_done = False
         self.received_any = False
+        self._head_bytes = 0
+        self._header_bytes = 0
         self._body: collections.deque[bytes] = collections.deque()
         self._body_size = 0
         self._reading_paused = False
@@ -89,14 +107,24 @@ class UpstreamConnection(asyncio.Protocol):
                 UpstreamError("protocol", 502, "upstream switched protocols", before_response=False)
             )
         except httptools.HttpParserError as exc:
+            # A callback's own refusal reaches us wrapped by httptools.
+            refusal = exc.__context__
             self._fail(
-                UpstreamError(
+                refusal
+                if isinstance(refusal, UpstreamError)
+                else UpstreamError(
                     "protocol",
                     502,
                     f"upstream sent a malformed response: {exc}",
                     before_response=not self.headers_done,
                 )
             )
+        else:
+            if not self.headers_done:
+                # httptools buffers a header until its end: count what arrives meanwhile.
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_HEAD_BYTES:
+                    self._fail(_head_too_large())
 
     def connection_lost(self, exc: Exception | None) -> None:
         closed_by_upstream = not self.closed
@@ -153,7 +181,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     # --- httptools callbacks ------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        headers = self.headers
+        headers.append((name, value))
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes > MAX_HEAD_BYTES or len(headers) > MAX_HEADERS:
+            raise _head_too_large()
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()

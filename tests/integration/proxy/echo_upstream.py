@@ -16,6 +16,9 @@ Special paths:
   /__until_close?version=V&bytes=N
                     answer HTTP/V (1.0 or 1.1, with Connection: close) with N bytes of body
                     and no length: the body ends where the connection does
+  /__many_headers?n=N&size=S
+                    answer with N header fields of S bytes each (written with back-pressure,
+                    stopping when the proxy closes the connection), then a 2-byte body
 """
 
 from __future__ import annotations
@@ -166,6 +169,18 @@ class EchoProtocol(asyncio.Protocol):
             write(b"HTTP/%b 200 OK\r\nContent-Type: text/plain\r\n%b\r\n" % (version, close))
             write(close_delimited_body(int(query["bytes"][0])))
             self.transport.close()
+        elif path == "/__many_headers":
+            count, size = int(query["n"][0]), int(query["size"][0])
+            write(b"HTTP/1.1 200 OK\r\n")
+            field = b"X-Filler: " + b"f" * size + b"\r\n"
+            closing = self.transport.is_closing
+            for _ in range(count):
+                if closing():
+                    return
+                write(field)
+                if self.transport.get_write_buffer_size() > 1 << 20:
+                    await asyncio.sleep(0.001)  # let the proxy read (or close)
+            write(b"Content-Length: 2\r\n\r\nok")
         else:
             self.send(200, json.dumps(request).encode(), request["method"] == "HEAD")
 

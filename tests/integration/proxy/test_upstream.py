@@ -48,3 +48,33 @@ def test_body_delimited_by_the_upstream_closing_arrives_whole(
         after.read()
     finally:
         connection.close()
+
+
+@pytest.mark.parametrize(
+    ("count", "size"),
+    [
+        (101, 10),  # one field more than allowed (with Content-Length)
+        (80, 1000),  # few fields, 80 kB of them
+        (1, 100 << 20),  # one field of 100 MiB
+        (500_000, 200),  # 100 MB of fields
+    ],
+    ids=["count", "bytes", "one-huge-field", "flood"],
+)
+def test_oversized_response_head_is_refused_without_holding_it(
+    plain_proxy: RunningProxy, count: int, size: int
+) -> None:
+    peak_before = plain_proxy.rss_peak_kib()
+    reply = get(plain_proxy.port, f"/__many_headers?n={count}&size={size}")
+    assert reply.status == 502
+    assert reply.json()["error"] == "upstream_protocol"
+    # Generous: the proxy holds at most the limit and one read, not what was sent.
+    assert plain_proxy.rss_peak_kib() - peak_before < 50 << 10
+    assert get(plain_proxy.port, "/still-serving").status == 200
+
+
+def test_response_head_within_the_limits_is_forwarded(plain_proxy: RunningProxy) -> None:
+    # 90 fields, 63 kB: near both limits, and within http.client's own 100 fields.
+    reply = get(plain_proxy.port, "/__many_headers?n=90&size=700")
+    assert reply.status == 200
+    assert len(reply.header_all("X-Filler")) == 90
+    assert reply.body == b"ok"
