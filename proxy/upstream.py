@@ -189,7 +189,14 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
-        if 100 <= status < 200 and status != 101:
+        if 100 <= status < 200:
+            if status == 101:
+                # Upgrade is hop-by-hop and never forwarded, so no switch was asked for:
+                # what follows is not HTTP, and the client must not be told it switched.
+                raise UpstreamError(
+                    "protocol", 502, "upstream switched protocols unasked (101)",
+                    before_response=False,
+                )  # fmt: skip
             # Interim responses (100 Continue, 103 Early Hints) are not forwarded.
             self.headers = []
             return

@@ -19,6 +19,7 @@ Special paths:
   /__many_headers?n=N&size=S
                     answer with N header fields of S bytes each (written with back-pressure,
                     stopping when the proxy closes the connection), then a 2-byte body
+  /__switch         answer 101 Switching Protocols to websocket, unasked, then a frame
 """
 
 from __future__ import annotations
@@ -181,6 +182,11 @@ class EchoProtocol(asyncio.Protocol):
                 if self.transport.get_write_buffer_size() > 1 << 20:
                     await asyncio.sleep(0.001)  # let the proxy read (or close)
             write(b"Content-Length: 2\r\n\r\nok")
+        elif path == "/__switch":
+            write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\n\r\n\x81\x05hello"
+            )
         else:
             self.send(200, json.dumps(request).encode(), request["method"] == "HEAD")
 

@@ -78,3 +78,10 @@ def test_response_head_within_the_limits_is_forwarded(plain_proxy: RunningProxy)
     assert reply.status == 200
     assert len(reply.header_all("X-Filler")) == 90
     assert reply.body == b"ok"
+
+
+def test_unasked_switch_of_protocols_is_refused(plain_proxy: RunningProxy) -> None:
+    reply = get(plain_proxy.port, "/__switch")
+    assert reply.status == 502
+    assert reply.json()["error"] == "upstream_protocol"
+    assert get(plain_proxy.port, "/still-serving").status == 200
