@@ -189,12 +189,18 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
-        if 100 <= status < 200:
+        if not 200 <= status <= 599:
             if status == 101:
                 # Upgrade is hop-by-hop and never forwarded, so no switch was asked for:
                 # what follows is not HTTP, and the client must not be told it switched.
                 raise UpstreamError(
                     "protocol", 502, "upstream switched protocols unasked (101)",
+                    before_response=False,
+                )  # fmt: skip
+            if not 100 <= status <= 199:
+                # llhttp reads any three digits (099, 600, 999): not an HTTP status.
+                raise UpstreamError(
+                    "protocol", 502, f"upstream answered with status {status:03d}",
                     before_response=False,
                 )  # fmt: skip
             # Interim responses (100 Continue, 103 Early Hints) are not forwarded.

@@ -20,6 +20,7 @@ Special paths:
                     answer with N header fields of S bytes each (written with back-pressure,
                     stopping when the proxy closes the connection), then a 2-byte body
   /__switch         answer 101 Switching Protocols to websocket, unasked, then a frame
+  /__status?code=C  answer with the status line `HTTP/1.1 C Odd` (C as given) and a 2-byte body
 """
 
 from __future__ import annotations
@@ -187,6 +188,9 @@ class EchoProtocol(asyncio.Protocol):
                 b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                 b"Connection: Upgrade\r\n\r\n\x81\x05hello"
             )
+        elif path == "/__status":
+            code = query["code"][0].encode()
+            write(b"HTTP/1.1 %b Odd\r\nContent-Length: 2\r\n\r\nok" % code)
         else:
             self.send(200, json.dumps(request).encode(), request["method"] == "HEAD")
 

@@ -85,3 +85,18 @@ def test_unasked_switch_of_protocols_is_refused(plain_proxy: RunningProxy) -> No
     assert reply.status == 502
     assert reply.json()["error"] == "upstream_protocol"
     assert get(plain_proxy.port, "/still-serving").status == 200
+
+
+@pytest.mark.parametrize("code", ["000", "099", "600", "999"])
+def test_status_outside_the_http_range_is_refused(plain_proxy: RunningProxy, code: str) -> None:
+    reply = get(plain_proxy.port, f"/__status?code={code}")
+    assert reply.status == 502
+    assert reply.json()["error"] == "upstream_protocol"
+    assert get(plain_proxy.port, "/still-serving").status == 200
+
+
+@pytest.mark.parametrize("code", ["200", "299", "404", "599"])
+def test_status_in_the_http_range_is_passed_on(plain_proxy: RunningProxy, code: str) -> None:
+    reply = get(plain_proxy.port, f"/__status?code={code}")
+    assert reply.status == int(code)
+    assert reply.body == b"ok"
