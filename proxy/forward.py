@@ -154,6 +154,8 @@ class Exchange:
 
     admission: Admission | None = None
     bytes_in: int = 0
+    # Body bytes sent to the client (framing and headers not counted).
+    bytes_out: int = 0
     excerpt: bytearray | None = None
 
 
@@ -349,27 +351,26 @@ class Forwarder:
         started = time.perf_counter()
         request_id = _random_bytes(12).hex()
         status = 500
-        size = 0
         exchange = Exchange()
         try:
             response = await self._forward(request, request_id, exchange)
             status = response.status
-            size = response.body_length
             return response
         except Refusal as exc:
             status = exc.status
             exchange.admission = exc.admission
-            refused = error_response(status, exc.error, exc.message, request_id)
+            refused = self._error(request, exchange, status, exc.error, exc.message, request_id)
             refused.headers.update(exc.headers)
             return refused
         except ClientError as exc:
             status = exc.status
             self._metrics.rejected.labels(str(status)).inc()
-            return error_response(status, exc.error, exc.message, request_id)
+            return self._error(request, exchange, status, exc.error, exc.message, request_id)
         except UpstreamError as exc:
             status = exc.status
             self._metrics.upstream_error[exc.kind].inc()
-            return error_response(status, "upstream_" + exc.kind, exc.message, request_id)
+            error = "upstream_" + exc.kind
+            return self._error(request, exchange, status, error, exc.message, request_id)
         finally:
             elapsed = time.perf_counter() - started
             self._metrics.count_response(status, elapsed)
@@ -380,7 +381,7 @@ class Forwarder:
                     time_ns=time.time_ns() - int(elapsed * 1e9),
                     status=status,
                     bytes_in=exchange.bytes_in,
-                    bytes_out=size,
+                    bytes_out=exchange.bytes_out,
                     duration_s=elapsed,
                     admission=exchange.admission,
                     body_excerpt=bytes(exchange.excerpt) if exchange.excerpt else None,
@@ -391,9 +392,24 @@ class Forwarder:
                 self._access_log.record(
                     (
                         request_id, time.time(), request.remote, request.method, request.raw_path,
-                        status, size, elapsed, request.headers.get("User-Agent"),
+                        status, exchange.bytes_out, elapsed, request.headers.get("User-Agent"),
                     )
                 )  # fmt: skip
+
+    @staticmethod
+    def _error(
+        request: web.BaseRequest,
+        exchange: Exchange,
+        status: int,
+        error: str,
+        message: str,
+        request_id: str,
+    ) -> web.Response:
+        """An error answer, its body counted as sent (aiohttp sends none to a HEAD)."""
+        response = error_response(status, error, message, request_id)
+        if request.method != "HEAD":
+            exchange.bytes_out = response.content_length or 0
+        return response
 
     async def _forward(
         self, request: web.BaseRequest, request_id: str, exchange: Exchange
@@ -454,7 +470,7 @@ class Forwarder:
                 conn = await pool.acquire()
                 conn.start_exchange(head, head_request=head_request)
                 await conn.wait_headers(self._read_timeout)
-            return await self._respond(request, conn, request_id, pool)
+            return await self._respond(request, conn, request_id, pool, exchange)
         except BaseException:
             pool.release(conn, reusable=False)
             raise
@@ -524,6 +540,7 @@ class Forwarder:
         conn: UpstreamConnection,
         request_id: str,
         pool: UpstreamPool,
+        exchange: Exchange,
     ) -> web.StreamResponse:
         headers, length = self._response_headers(conn)
         status = conn.status
@@ -537,6 +554,7 @@ class Forwarder:
                 whole = web.Response(status=status, headers=headers)
             else:
                 whole = web.Response(status=status, body=body, headers=headers)
+                exchange.bytes_out = len(body)
             pool.release(conn, reusable=True)
             return whole
 
@@ -544,12 +562,14 @@ class Forwarder:
         if length is not None:
             response.content_length = length
         await response.prepare(request)
+        sent = 0
         try:
             while True:
                 chunk = await conn.next_chunk(self._read_timeout)
                 if chunk is None:
                     break
                 await response.write(chunk)
+                sent += len(chunk)
         except UpstreamError as exc:
             # The status line is already on its way: the only honest signal left is to cut
             # the client connection, so it sees a truncated body rather than a short one.
@@ -559,6 +579,9 @@ class Forwarder:
                 request.transport.abort()
             pool.release(conn, reusable=False)
             return response
+        finally:
+            # Also when the client went away mid-body: what it was sent so far.
+            exchange.bytes_out = sent
         await response.write_eof()
         pool.release(conn, reusable=True)
         return response

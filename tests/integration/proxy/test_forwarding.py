@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 import threading
 import zlib
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.spool import SpoolReader
 from tests.integration.proxy.conftest import RunningProxy, run_proxy
 from tests.integration.proxy.rawhttp import Reply, exchange, get, read_reply
 
@@ -224,3 +226,36 @@ def test_expect_100_continue_is_answered_by_the_proxy(plain_proxy: RunningProxy)
     seen = reply.json()
     assert seen["body_length"] == 5
     assert "expect" not in {name.lower() for name, _ in seen["headers"]}
+
+
+def test_bytes_out_is_the_body_the_client_received(echo_upstream: str, tmp_path: Path) -> None:
+    # A small body sent whole, a streamed one, an error answer, and a HEAD (no body).
+    requests = [
+        ("GET", "/__big?bytes=2000"),
+        ("GET", "/__chunked?n=100"),
+        ("GET", "/__close_early"),
+        ("HEAD", "/__head_len"),
+    ]
+    received: dict[str, int] = {}
+    extra = {"capture": {"spool_dir": str(tmp_path / "spool")}}
+    with run_proxy(tmp_path, echo_upstream, extra=extra) as proxy:
+        for method, target in requests:
+            head = f"{method} {target} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+            received[target] = len(exchange(proxy.port, head.encode(), method=method).body)
+    assert list(received.values()) == [2000, 102400, received["/__close_early"], 0]
+    assert received["/__close_early"] > 0
+    # Stopped: the access log and the spool hold every request.
+    logged = {
+        line["path"]: line["bytes_out"]
+        for line in map(json.loads, (tmp_path / "access.log").read_text().splitlines())
+    }
+    reader = SpoolReader(tmp_path / "spool" / "w0")  # the one worker's spool
+    try:
+        captured = {
+            f"{record.path}?{record.query}".rstrip("?"): record.bytes_out
+            for _, record in reader.read_batch(100)
+        }
+    finally:
+        reader.close()
+    assert logged == received
+    assert captured == received
