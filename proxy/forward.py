@@ -86,6 +86,9 @@ RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
 # Set on requests whose request line named an HTTP version other than 1.0 or 1.1.
 UNSUPPORTED_VERSION = "lineage_sidecar.unsupported_version"
 
+# Status recorded for a request whose client left before its answer (nginx's 499).
+CLIENT_CLOSED = 499
+
 # Responses up to this size that have fully arrived are answered in one write.
 SMALL_BODY = 64 * 1024
 
@@ -371,6 +374,10 @@ class Forwarder:
             self._metrics.upstream_error[exc.kind].inc()
             error = "upstream_" + exc.kind
             return self._error(request, exchange, status, error, exc.message, request_id)
+        except asyncio.CancelledError:
+            # The client went away (the server cancels its handler); nginx logs this as 499.
+            status = CLIENT_CLOSED
+            raise
         finally:
             elapsed = time.perf_counter() - started
             self._metrics.count_response(status, elapsed)
@@ -507,11 +514,11 @@ class Forwarder:
                     413, "body_too_large", f"the request body is larger than {limit} bytes"
                 )
             if chunked:
-                await conn.write_body(b"%x\r\n%b\r\n" % (len(data), data))
+                await conn.write_body(b"%x\r\n%b\r\n" % (len(data), data), self._read_timeout)
             else:
-                await conn.write_body(data)
+                await conn.write_body(data, self._read_timeout)
         if chunked:
-            await conn.write_body(b"0\r\n\r\n")
+            await conn.write_body(b"0\r\n\r\n", self._read_timeout)
 
     def _response_headers(self, conn: UpstreamConnection) -> tuple[CIMultiDict[str], int | None]:
         raw = conn.headers

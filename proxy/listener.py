@@ -315,6 +315,10 @@ class ProxyWorker:
             max_field_size=limits.max_header_bytes,
             max_headers=limits.max_headers,
             access_log=None,
+            # A client that hangs up ends its exchange at once, as nginx and Envoy do:
+            # aiohttp would otherwise let the handler run on, holding an upstream
+            # connection until a timeout. The handler releases it on the way out.
+            handler_cancellation=True,
         )
         self._runner = web.ServerRunner(
             server, handle_signals=False, shutdown_timeout=proxy.timeouts.shutdown

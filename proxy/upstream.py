@@ -263,8 +263,12 @@ class UpstreamConnection(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(head)
 
-    async def write_body(self, data: bytes) -> None:
-        """Write a piece of the request body, waiting while the upstream's socket is full."""
+    async def write_body(self, data: bytes, timeout: float) -> None:
+        """Write a piece of the request body, waiting while the upstream's socket is full.
+
+        An upstream that accepts no body bytes for `timeout` seconds is a slow upstream:
+        the connection is aborted and the exchange ends with a 504.
+        """
         if self.closed or self.transport is None:
             raise self._error or UpstreamError(
                 "closed", 502, "upstream closed the connection", before_response=True
@@ -273,11 +277,18 @@ class UpstreamConnection(asyncio.Protocol):
         if self._write_paused:
             self._drain_waiter = self._loop.create_future()
             try:
-                await self._drain_waiter
+                async with asyncio.timeout(timeout):
+                    await self._drain_waiter
             except ConnectionResetError:
                 raise self._error or UpstreamError(
                     "closed", 502, "upstream closed the connection", before_response=True
                 ) from None
+            except TimeoutError:
+                self.abort()
+                raise UpstreamError(
+                    "timeout", 504, "upstream stopped reading the request body",
+                    before_response=False,
+                ) from None  # fmt: skip
             finally:
                 self._drain_waiter = None
 
@@ -367,6 +378,11 @@ class UpstreamPool:
             self._waiters.append(waiter)
             try:
                 await waiter
+            except BaseException:
+                # Woken for a free slot but leaving (the client went away): pass it on.
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()
+                raise
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
@@ -399,6 +415,11 @@ class UpstreamPool:
                 f"cannot connect to the upstream: {exc.strerror or exc}",
                 before_response=True,
             ) from None
+        except BaseException:
+            # Cancelled while connecting: the slot must not stay counted as open.
+            conn.close()
+            self.forget(conn)
+            raise
         return conn
 
     def release(self, conn: UpstreamConnection, *, reusable: bool) -> None:

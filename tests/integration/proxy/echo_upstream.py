@@ -21,6 +21,8 @@ Special paths:
                     stopping when the proxy closes the connection), then a 2-byte body
   /__switch         answer 101 Switching Protocols to websocket, unasked, then a frame
   /__status?code=C  answer with the status line `HTTP/1.1 C Odd` (C as given) and a 2-byte body
+  /__no_read        stop reading the connection once the headers are in; never answer
+                    (logged at that point with "stalled": true)
 """
 
 from __future__ import annotations
@@ -96,6 +98,10 @@ class EchoProtocol(asyncio.Protocol):
         assert self.current is not None
         self.current["method"] = self.parser.get_method().decode("latin-1")
         self.current["version"] = self.parser.get_http_version()
+        if urlsplit(self.current["target"]).path == "/__no_read":
+            assert self.transport is not None
+            self.transport.pause_reading()
+            LOG.append({**self.current, "stalled": True})
 
     def on_body(self, body: bytes) -> None:
         assert self.current is not None

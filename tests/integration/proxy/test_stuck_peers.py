@@ -1,0 +1,138 @@
+"""Peers that stop moving: an upstream that stops reading, a client that leaves or stops
+reading, a full pool. Each ends in an answer (or a closed connection) for the client in
+question, and the proxy goes on serving everyone else with the connections it has."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.integration.proxy.conftest import RunningProxy, run_proxy
+from tests.integration.proxy.rawhttp import get, read_reply
+
+# More than loopback socket buffers hold, so a stalled reader stalls the sender.
+BIG_BODY = 256 * 1024 * 1024
+# Safety net only: how long a test waits for something that should happen much sooner.
+PATIENCE = 15.0
+
+
+def upstream_log(upstream: str) -> list[dict[str, Any]]:
+    """The echo upstream's request log, asked directly (the proxy's pool may be full)."""
+    port = urlsplit(upstream).port
+    assert port is not None
+    entries: list[dict[str, Any]] = get(port, "/__log").json()
+    return entries
+
+
+def wait_until_upstream_has(upstream: str, target: str) -> None:
+    deadline = time.monotonic() + PATIENCE
+    while time.monotonic() < deadline:
+        if any(entry.get("target") == target for entry in upstream_log(upstream)):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the upstream never received {target}")
+
+
+class BodyPusher(threading.Thread):
+    """Sends `size` body bytes until done or the connection ends, counting what it sent."""
+
+    def __init__(self, sock: socket.socket, size: int) -> None:
+        super().__init__(daemon=True)
+        self.sock = sock
+        self.size = size
+        self.sent = 0
+        self.start()
+
+    def run(self) -> None:
+        block = b"x" * 65536
+        try:
+            while self.sent < self.size:
+                self.sent += self.sock.send(block[: self.size - self.sent])
+        except OSError:
+            pass  # the proxy answered and closed, or the test hung up
+
+    def wait_until_stuck(self) -> None:
+        """Until no byte moves: every buffer on the way is full (or the proxy answered)."""
+        deadline = time.monotonic() + PATIENCE
+        last = -1
+        while self.sent != last and time.monotonic() < deadline:
+            last = self.sent
+            time.sleep(0.3)
+
+
+@pytest.fixture
+def one_connection_proxy(echo_upstream: str, tmp_path: Path) -> Iterator[RunningProxy]:
+    """A proxy allowed a single upstream connection: any leak stops all service."""
+    with run_proxy(
+        tmp_path,
+        echo_upstream,
+        proxy={"timeouts": {"read": 1.0, "client_body": 5.0}, "pool": {"max_connections": 1}},
+    ) as running:
+        yield running
+
+
+def test_upstream_that_stops_reading_the_body_gives_504_then_serves_again(
+    one_connection_proxy: RunningProxy,
+) -> None:
+    with socket.create_connection(("127.0.0.1", one_connection_proxy.port)) as sock:
+        sock.settimeout(PATIENCE)
+        sock.sendall(
+            b"POST /__no_read HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % BIG_BODY
+        )
+        sender = BodyPusher(sock, BIG_BODY)
+        reply = read_reply(sock)
+        assert reply.status == 504
+        assert reply.json()["error"] == "upstream_timeout"
+        sock.shutdown(socket.SHUT_RDWR)
+    sender.join(PATIENCE)
+    # The single pooled connection came back (closed, not leaked): the next request works.
+    after = get(one_connection_proxy.port, "/after-stalled-body")
+    assert after.status == 200
+    assert after.json()["target"] == "/after-stalled-body"
+
+
+def test_client_that_hangs_up_while_the_upstream_stalls_on_its_body_frees_the_connection(
+    one_connection_proxy: RunningProxy, echo_upstream: str
+) -> None:
+    # The proxy stopped reading this client (back-pressure), so it cannot see the hang-up;
+    # the stalled upstream write is what ends the exchange (t9 in the bug hunt).
+    target = f"/__no_read?{uuid.uuid4().hex}"
+    with socket.create_connection(("127.0.0.1", one_connection_proxy.port)) as sock:
+        sock.sendall(
+            b"POST %b HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n"
+            % (target.encode(), BIG_BODY)
+        )
+        sender = BodyPusher(sock, BIG_BODY)
+        wait_until_upstream_has(echo_upstream, target)
+        sender.wait_until_stuck()
+        sock.shutdown(socket.SHUT_RDWR)
+    sender.join(PATIENCE)
+    after = get(one_connection_proxy.port, "/after-hang-up")
+    assert after.status == 200
+    assert after.json()["target"] == "/after-hang-up"
+
+
+def test_client_that_hangs_up_awaiting_the_answer_frees_the_connection_at_once(
+    echo_upstream: str, tmp_path: Path
+) -> None:
+    # A read timeout far beyond the test's patience: only the hang-up can free the slot.
+    with run_proxy(
+        tmp_path,
+        echo_upstream,
+        proxy={"timeouts": {"read": 60.0}, "pool": {"max_connections": 1}},
+    ) as proxy:
+        target = f"/__slow?ms=60000&{uuid.uuid4().hex}"
+        with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+            sock.sendall(b"GET %b HTTP/1.1\r\nHost: a\r\n\r\n" % target.encode())
+            wait_until_upstream_has(echo_upstream, target)
+        after = get(proxy.port, "/after-hang-up")
+        assert after.status == 200
+        assert after.json()["target"] == "/after-hang-up"
