@@ -124,15 +124,31 @@ class TLSConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 
 
 class TimeoutsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Upstream timeouts; exceeding them answers 504 (read) or 502 (connect)."""
+    """Timeouts; exceeding an upstream one answers 504 (read, connect) or 503 (a full pool)."""
 
-    connect: Annotated[Seconds, _doc("Opening a connection to the upstream (seconds).")] = 5.0
+    connect: Annotated[
+        Seconds,
+        _doc(
+            "Opening a connection to the upstream, and waiting for a free one when all "
+            "pool.max_connections are in use (then 503 upstream_pool_exhausted) (seconds)."
+        ),
+    ] = 5.0
     read: Annotated[
         Seconds,
-        _doc("Waiting for the upstream's response headers, and between body chunks (seconds)."),
+        _doc(
+            "Waiting for the upstream's response headers, between body chunks, and for the "
+            "upstream to accept more of the request body (seconds)."
+        ),
     ] = 60.0
     client_body: Annotated[
         Seconds, _doc("Waiting for the next piece of the client's request body (seconds).")
+    ] = 60.0
+    client_write: Annotated[
+        Seconds,
+        _doc(
+            "A client that accepts no response bytes for this long has its connection "
+            "closed, and the upstream connection with it (seconds; nginx's send_timeout)."
+        ),
     ] = 60.0
     shutdown: Annotated[
         Seconds, _doc("How long in-flight requests may run on after a stop signal (seconds).")

@@ -23,9 +23,11 @@ import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import msgspec
 from aiohttp import web
+from aiohttp.http import StreamWriter
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
@@ -199,6 +201,7 @@ class Forwarder:
         self._trusted_cache: dict[str, bool] = {}
         self._read_timeout = config.timeouts.read
         self._body_timeout = config.timeouts.client_body
+        self._client_write_timeout = config.timeouts.client_write
         self._max_body = config.limits.max_body_bytes
         self._upstream_addr = (upstream.host, upstream.port)
         self.pool: UpstreamPool | None = None
@@ -568,15 +571,29 @@ class Forwarder:
         response = web.StreamResponse(status=status, headers=headers)
         if length is not None:
             response.content_length = length
-        await response.prepare(request)
+        # The server's writer is always aiohttp's StreamWriter, whose write() can skip the drain.
+        writer = cast(StreamWriter, await response.prepare(request))
+        protocol = request.protocol
         sent = 0
         try:
             while True:
                 chunk = await conn.next_chunk(self._read_timeout)
                 if chunk is None:
                     break
-                await response.write(chunk)
+                # Drained here rather than in write(), so that only a write the client is
+                # not taking arms a timer.
+                await writer.write(chunk, drain=False)
                 sent += len(chunk)
+                if protocol.writing_paused:
+                    async with asyncio.timeout(self._client_write_timeout):
+                        await writer.drain()
+        except TimeoutError:
+            # The client stopped reading: cut it off and free the upstream connection.
+            log.info("client stopped reading the response (request %s)", request_id)
+            if request.transport is not None:
+                request.transport.abort()
+            pool.release(conn, reusable=False)
+            return response
         except UpstreamError as exc:
             # The status line is already on its way: the only honest signal left is to cut
             # the client connection, so it sees a truncated body rather than a short one.

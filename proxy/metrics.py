@@ -28,7 +28,7 @@ LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
-UPSTREAM_ERROR_KINDS = ("connect", "timeout", "protocol", "closed")
+UPSTREAM_ERROR_KINDS = ("connect", "timeout", "protocol", "closed", "pool_exhausted")
 
 
 @dataclass(frozen=True, slots=True)

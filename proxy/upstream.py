@@ -373,13 +373,32 @@ class UpstreamPool:
             if not conn.closed:
                 conn.reused = True
                 return conn
+        if len(self._open) >= self._max_connections:
+            # Queued for a slot no longer than a connection may take to open (HAProxy's
+            # `timeout queue` defaults to `timeout connect` the same way).
+            try:
+                async with asyncio.timeout(self._connect_timeout):
+                    idle = await self._wait_for_slot()
+            except TimeoutError:
+                raise UpstreamError(
+                    "pool_exhausted",
+                    503,
+                    f"all {self._max_connections} upstream connections are in use",
+                    before_response=True,
+                ) from None
+            if idle is not None:
+                return idle
+        return await self._connect()
+
+    async def _wait_for_slot(self) -> UpstreamConnection | None:
+        """An idle connection, or None once a new one may be opened."""
         while len(self._open) >= self._max_connections:
             waiter = self.loop.create_future()
             self._waiters.append(waiter)
             try:
                 await waiter
             except BaseException:
-                # Woken for a free slot but leaving (the client went away): pass it on.
+                # Woken for a free slot but leaving (cancelled, timed out): pass it on.
                 if waiter.done() and not waiter.cancelled():
                     self._wake_one()
                 raise
@@ -391,7 +410,7 @@ class UpstreamPool:
                 if not conn.closed:
                     conn.reused = True
                     return conn
-        return await self._connect()
+        return None
 
     async def _connect(self) -> UpstreamConnection:
         conn = UpstreamConnection(self)

@@ -136,3 +136,80 @@ def test_client_that_hangs_up_awaiting_the_answer_frees_the_connection_at_once(
         after = get(proxy.port, "/after-hang-up")
         assert after.status == 200
         assert after.json()["target"] == "/after-hang-up"
+
+
+def test_clients_that_stop_reading_big_responses_are_cut_off_and_others_served(
+    echo_upstream: str, tmp_path: Path
+) -> None:
+    with run_proxy(
+        tmp_path,
+        echo_upstream,
+        proxy={
+            "timeouts": {"read": 5.0, "client_write": 1.0},
+            "pool": {"max_connections": 2},
+        },
+    ) as proxy:
+        stuck: list[socket.socket] = []
+        for _ in range(2):
+            target = f"/__big?bytes=500000000&{uuid.uuid4().hex}"
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(PATIENCE)
+            sock.connect(("127.0.0.1", proxy.port))
+            sock.sendall(b"GET %b HTTP/1.1\r\nHost: a\r\n\r\n" % target.encode())
+            wait_until_upstream_has(echo_upstream, target)
+            stuck.append(sock)
+        # Both pooled connections are held by clients that read nothing; a third client
+        # is served once the proxy gives up on them.
+        after = get(proxy.port, "/while-others-stall")
+        assert after.status == 200
+        assert after.json()["target"] == "/while-others-stall"
+        # Reading now would revive a stalled download, so first wait (without reading) for
+        # the proxy to hold no client connection; then each stalled one ends cut short.
+        wait_until_no_client_connections(proxy)
+        for sock in stuck:
+            with sock:
+                assert ends_before_the_whole_body(sock, 500_000_000)
+
+
+def wait_until_no_client_connections(proxy: RunningProxy) -> None:
+    deadline = time.monotonic() + PATIENCE
+    while time.monotonic() < deadline:
+        metrics = get(proxy.admin_port, "/metrics").body.decode()
+        if "lineage_sidecar_active_connections 0.0" in metrics.splitlines():
+            return
+        time.sleep(0.1)
+
+
+def ends_before_the_whole_body(sock: socket.socket, size: int) -> bool:
+    """True when the proxy closed the connection before sending `size` bytes."""
+    received = 0
+    try:
+        while received < size:
+            data = sock.recv(1 << 20)
+            if not data:
+                return True
+            received += len(data)
+    except ConnectionResetError:
+        return True
+    return False
+
+
+def test_full_pool_answers_503_after_the_connect_timeout(
+    echo_upstream: str, tmp_path: Path
+) -> None:
+    with run_proxy(
+        tmp_path,
+        echo_upstream,
+        proxy={"timeouts": {"read": 60.0, "connect": 0.5}, "pool": {"max_connections": 1}},
+    ) as proxy:
+        target = f"/__slow?ms=60000&{uuid.uuid4().hex}"
+        with socket.create_connection(("127.0.0.1", proxy.port)) as holder:
+            holder.sendall(b"GET %b HTTP/1.1\r\nHost: a\r\n\r\n" % target.encode())
+            wait_until_upstream_has(echo_upstream, target)
+            queued = get(proxy.port, "/queued")
+            assert queued.status == 503
+            assert queued.json()["error"] == "upstream_pool_exhausted"
+            assert queued.header("X-Request-Id")
+        metrics = get(proxy.admin_port, "/metrics").body.decode()
+        assert 'lineage_sidecar_upstream_errors_total{kind="pool_exhausted"} 1.0' in metrics
