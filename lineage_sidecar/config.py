@@ -143,6 +143,14 @@ class TimeoutsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     client_body: Annotated[
         Seconds, _doc("Waiting for the next piece of the client's request body (seconds).")
     ] = 60.0
+    request_header: Annotated[
+        Seconds,
+        _doc(
+            "A new client connection that has not delivered a complete request head within "
+            "this long is answered 408 and closed (slowloris; seconds). Later requests on a "
+            "kept-alive connection are bounded by aiohttp's keep-alive timeout (75 s)."
+        ),
+    ] = 20.0
     client_write: Annotated[
         Seconds,
         _doc(

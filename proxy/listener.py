@@ -19,7 +19,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 import asyncpg
@@ -128,19 +128,52 @@ class StartupError(Exception):
 
 
 class ProxyRequestHandler(RequestHandler):
-    """aiohttp's connection handler with the proxy's error answers and connection gauge."""
+    """aiohttp's connection handler with the proxy's error answers, connection gauge, and
+    a deadline for the first request head (aiohttp has none: a client sending one header
+    byte now and then would hold the connection for ever)."""
 
     metrics: ProxyMetrics | None = None
+    header_timeout: float | None = None
+    # Armed when the connection opens; cancelled when its first request is handed over.
+    head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         if self.metrics is not None:
             self.metrics.active_connections.inc()
+        if self.header_timeout is not None:
+            loop = self._loop
+            self.head_timer = loop.call_at(
+                loop.time() + self.header_timeout, self._header_timed_out
+            )
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
         if self.metrics is not None:
             self.metrics.active_connections.dec()
         super().connection_lost(exc)
+
+    def _header_timed_out(self) -> None:
+        self.head_timer = None
+        if self.transport is None:
+            return
+        # No request has started on this connection, so the 408 cannot interleave with one.
+        body = encode_error(
+            ErrorBody(
+                error="request_header_timeout",
+                message="the request head was not received in time",
+                request_id="",
+            )
+        )
+        self.transport.write(
+            b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+        )
+        if self.metrics is not None:
+            self.metrics.rejected.labels("408").inc()
+        self.force_close()
 
     def handle_error(
         self,
@@ -179,9 +212,12 @@ class ProxyRequestHandler(RequestHandler):
 class ProxyServer(web.Server):
     """`web.Server` that builds `ProxyRequestHandler`s."""
 
-    def __init__(self, handler: Any, metrics: ProxyMetrics, **kwargs: Any) -> None:
+    def __init__(
+        self, handler: Any, metrics: ProxyMetrics, *, header_timeout: float, **kwargs: Any
+    ) -> None:
         super().__init__(handler, **kwargs)
         self._metrics = metrics
+        self._header_timeout = header_timeout
 
     def _make_request(
         self,
@@ -191,6 +227,11 @@ class ProxyServer(web.Server):
         writer: AbstractStreamWriter,
         task: asyncio.Task[None],
     ) -> web.BaseRequest:
+        # A request head arrived: the connection's head deadline is met.
+        handler = cast(ProxyRequestHandler, protocol)
+        if handler.head_timer is not None:
+            handler.head_timer.cancel()
+            handler.head_timer = None
         if message.version in (HttpVersion10, HttpVersion11):
             return web.BaseRequest(message, payload, protocol, writer, task, self._loop)
         # HTTP/0.9 (C parser) or HTTP/2.0 and 9.9 (Python parser) in a request line: answer
@@ -203,6 +244,7 @@ class ProxyServer(web.Server):
     def __call__(self) -> RequestHandler:
         handler = ProxyRequestHandler(self, loop=self._loop, **self._kwargs)
         handler.metrics = self._metrics
+        handler.header_timeout = self._header_timeout
         return handler
 
 
@@ -314,6 +356,7 @@ class ProxyWorker:
             max_line_size=limits.max_request_line_bytes,
             max_field_size=limits.max_header_bytes,
             max_headers=limits.max_headers,
+            header_timeout=proxy.timeouts.request_header,
             access_log=None,
             # A client that hangs up ends its exchange at once, as nginx and Envoy do:
             # aiohttp would otherwise let the handler run on, holding an upstream

@@ -213,3 +213,67 @@ def test_full_pool_answers_503_after_the_connect_timeout(
             assert queued.header("X-Request-Id")
         metrics = get(proxy.admin_port, "/metrics").body.decode()
         assert 'lineage_sidecar_upstream_errors_total{kind="pool_exhausted"} 1.0' in metrics
+
+
+@pytest.fixture
+def header_timeout_proxy(echo_upstream: str, tmp_path: Path) -> Iterator[RunningProxy]:
+    with run_proxy(tmp_path, echo_upstream, proxy={"timeouts": {"request_header": 1.0}}) as running:
+        yield running
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    received = b""
+    try:
+        while data := sock.recv(65536):
+            received += data
+    except ConnectionResetError:
+        pass
+    return received
+
+
+def test_slowloris_connection_is_answered_408_and_closed(
+    header_timeout_proxy: RunningProxy,
+) -> None:
+    with socket.create_connection(("127.0.0.1", header_timeout_proxy.port)) as sock:
+        sock.settimeout(PATIENCE)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: ")
+        stop = threading.Event()
+
+        def trickle() -> None:
+            # One header byte at a time, never finishing the head.
+            try:
+                while not stop.wait(0.2):
+                    sock.send(b"x")
+            except OSError:
+                pass
+
+        sender = threading.Thread(target=trickle, daemon=True)
+        sender.start()
+        try:
+            received = read_until_closed(sock)
+        finally:
+            stop.set()
+            sender.join(PATIENCE)
+    assert received.startswith(b"HTTP/1.1 408 ")
+    assert b'"error":"request_header_timeout"' in received
+
+
+def test_connection_that_never_sends_a_byte_is_closed(header_timeout_proxy: RunningProxy) -> None:
+    with socket.create_connection(("127.0.0.1", header_timeout_proxy.port)) as sock:
+        sock.settimeout(PATIENCE)
+        assert read_until_closed(sock).startswith(b"HTTP/1.1 408 ")
+
+
+def test_keep_alive_connection_outlives_the_header_timeout_between_requests(
+    header_timeout_proxy: RunningProxy,
+) -> None:
+    with socket.create_connection(("127.0.0.1", header_timeout_proxy.port)) as sock:
+        sock.settimeout(PATIENCE)
+        sock.sendall(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert read_reply(sock).json()["target"] == "/first"
+        # Idle for twice the header timeout: keep-alive idleness is not a slow head.
+        time.sleep(2.0)
+        sock.sendall(b"GET /second HTTP/1.1\r\nHost: a\r\n\r\n")
+        second = read_reply(sock)
+        assert second.status == 200
+        assert second.json()["target"] == "/second"
