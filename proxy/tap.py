@@ -11,6 +11,7 @@ step, before anything leaves the host.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from agent.capture import CAPTURE_VERSION, CaptureRecord, Decision
-from agent.spool import SpoolFullError, SpoolWriter
+from agent.spool import SpoolClosedError, SpoolFullError, SpoolWriter
 from proxy.gate import Admission, sql_from_query
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ class Tap:
         self._service = service
         self._correlation = tuple((h, h.lower()) for h in correlation_headers)
         self.dropped = 0
+        # Waits for room that outlive their request (the client hung up): kept referenced.
+        self._waits: set[asyncio.Task[None]] = set()
 
     def record(
         self,
@@ -153,6 +156,19 @@ class Tap:
         return None
 
     async def append_wait(self, record: CaptureRecord) -> None:
-        """Wait (in order) for room in the spool; only the `block` policy gets here."""
-        if not await self.spool.append_wait(record):
+        """Wait (in order) for room in the spool; only the `block` policy gets here.
+
+        The wait is shielded: a client that hangs up cancels its request, and with it this
+        await, but the record is still appended once there is room, not lost."""
+        wait = asyncio.ensure_future(self._append_when_room(record))
+        self._waits.add(wait)
+        wait.add_done_callback(self._waits.discard)
+        await asyncio.shield(wait)
+
+    async def _append_when_room(self, record: CaptureRecord) -> None:
+        try:
+            appended = await self.spool.append_wait(record)
+        except SpoolClosedError:
+            appended = False  # shutting down with the spool still full: counted, as ever
+        if not appended:
             self.dropped += 1

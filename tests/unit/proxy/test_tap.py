@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import pytest
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
@@ -151,3 +153,57 @@ def test_the_largest_excerpt_allowed_fits_in_a_record(tmp_path: Path) -> None:
     record = tapped(tmp_path, admission, headers, method="POST", body_excerpt=excerpt)
     assert record.body_excerpt == "\ufffd" * (128 << 10)
     assert record.sql == record.body_excerpt
+
+
+async def test_a_record_waiting_for_room_is_kept_when_its_client_hangs_up(tmp_path: Path) -> None:
+    # `when_full: block`: the request waits for room. A client that hangs up meanwhile
+    # cancels the request (the server cancels its handler), not the record.
+    spool = SpoolWriter(
+        tmp_path,
+        SpoolOptions(
+            segment_bytes=2048,
+            max_bytes=4096,
+            max_record_bytes=512,
+            flush_interval_s=0.005,
+            when_full="block",
+        ),
+    )
+    tap = Tap(spool, service="http://sales.test", correlation_headers=())
+    waiting = None
+    count = 0
+    while waiting is None:
+        request = make_mocked_request("GET", f"/r{count}")
+        waiting = tap.record(
+            request,
+            request_id=f"req-{count}",
+            time_ns=1_700_000_000_000_000_000,
+            status=200,
+            bytes_in=0,
+            bytes_out=0,
+            duration_s=0.001,
+            admission=None,
+            body_excerpt=None,
+        )
+        count += 1
+    handler = asyncio.create_task(tap.append_wait(waiting))
+    await spool.flush_async()
+    assert not handler.done()
+    handler.cancel()  # the client went away
+    with pytest.raises(asyncio.CancelledError):
+        await handler
+
+    reader = SpoolReader(tmp_path)
+    delivered = await reader.read(1000)
+    assert len(delivered) == count - 1
+    await reader.commit_async(delivered[-1][0])  # room again
+    for _ in range(2000):
+        await spool.flush_async()
+        later = await reader.read(1000)
+        if later:
+            break
+    else:
+        pytest.fail("the waiting record never reached the spool")
+    assert [record.request_id for _, record in later] == [f"req-{count - 1}"]
+    assert tap.dropped == 0
+    await spool.aclose()
+    reader.close()
