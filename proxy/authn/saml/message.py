@@ -90,9 +90,14 @@ def decode_saml_response(encoded: str, max_bytes: int) -> bytes:
     if not compact:
         raise malformed("empty SAMLResponse")
     try:
-        return base64.b64decode(compact, validate=True)
+        decoded = base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise malformed(f"SAMLResponse is not base64: {exc}") from None
+    # `validate` still lets the unused bits before `=` be anything ("001=" reads as
+    # "000="): one message, one spelling, as strict base64 (RFC 4648 3.5) has it.
+    if base64.b64encode(decoded) != compact.encode("ascii"):
+        raise malformed("SAMLResponse is not canonical base64 (padding bits set)")
+    return decoded
 
 
 def _depth_ok(root: Element) -> bool:
