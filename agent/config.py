@@ -375,10 +375,22 @@ class IngestConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     retry_max: Annotated[
         Seconds, _doc("Longest wait between two attempts at the same messages (seconds).")
     ] = 10.0
+    admin_listen: Annotated[
+        Listen | None,
+        _doc(
+            "Address of the ingester's admin listener (`/healthz`, `/readyz`, `/metrics`), "
+            "host:port; keep it on loopback or a private network. null: no listener."
+        ),
+    ] = "127.0.0.1:9903"
 
     def check(self) -> None:
         if self.retry_max < self.retry_initial:
             raise ValueError("ingest.retry_max must be at least ingest.retry_initial")
+        if self.admin_listen is not None:
+            try:
+                parse_listen(self.admin_listen)
+            except ValueError as exc:
+                raise ValueError(f"ingest.admin_listen: {exc}") from None
 
 
 class AgentProcessConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -18,8 +18,11 @@ offsets. What it promises:
 - A batch the store refuses for good is split per message, and the message it cannot
   take is dead-lettered: one bad message does not hold the others back.
 
-Counters (`messages`, `events_inserted`, `dead_letters`, `retries`, ...) are plain
-attributes for the metrics endpoint.
+Counters (`messages`, `events_inserted`, `dead_letters`, `commits`, ...) are plain
+attributes, read only when `stats()` is asked for (by a scrape of the admin listener's
+`/metrics`, `agent.admin`); `readiness()` gives the reasons the ingester is not fully
+working, from its own retry state: not consuming yet, or the store, Kafka or the key
+provider failing since its last success. The admin listener's `/readyz` reports them.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import contextlib
 import logging
 import signal
 import sys
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -37,11 +41,13 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
+from agent.admin import AdminListener, bind_admin
 from agent.batch import BatchFormatError, open_message
 from agent.config import IngestConfig, IngestProcessConfig, KafkaConfig
 from agent.crypto import DecryptError
 from agent.events import LineageEvent
 from agent.keys import KeyProvider, KeyProviderError, open_key_provider
+from agent.metrics import INGEST_METRICS, IngestStats
 from agent.process import module_main, resolve_dsn
 from agent.store.migrate import migrate
 from agent.store.writer import StoreError, StoreWriter
@@ -49,6 +55,11 @@ from agent.store.writer import StoreError, StoreWriter
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# What a failure is counted against, and named by in `readiness()`.
+STORE = "lineage store"
+KAFKA = "kafka"
+KEY_PROVIDER = "key provider"
 
 __all__ = ["Ingester", "main", "message_source", "run_ingester"]
 
@@ -97,21 +108,82 @@ class Ingester:
         self.events_duplicate = 0
         self.events_rejected = 0
         self.dead_letters = 0
-        self.retries = 0
         self.commits = 0
         self.commit_failures = 0
+        # Failed attempts per component since the start, and in a row since its last
+        # success (with the last error): the readiness reasons.
+        self._failures: Counter[str] = Counter()
+        self._failing: dict[str, tuple[int, str]] = {}
+        self._consumer: AIOKafkaConsumer | None = None
+        # Per partition, the offset after the last message stored (updated per fetch).
+        self._stored_up_to: dict[TopicPartition, int] = {}
+
+    @property
+    def retries(self) -> int:
+        """Failed attempts, of any component, that were tried again."""
+        return self._failures.total()
 
     def stop(self) -> None:
         self._stopping.set()
 
+    def stats(self) -> IngestStats:
+        """The counters and gauges as they stand now (for the metrics endpoint)."""
+        assigned: set[TopicPartition] = set()
+        lag = 0
+        if self._consumer is not None:
+            assigned = self._consumer.assignment()
+            for partition in assigned:
+                highwater = self._consumer.highwater(partition)
+                stored = self._stored_up_to.get(partition)
+                if highwater is not None and stored is not None:
+                    lag += max(0, highwater - stored)
+        return IngestStats(
+            messages=self.messages,
+            events_inserted=self.events_inserted,
+            events_duplicate=self.events_duplicate,
+            events_rejected=self.events_rejected,
+            dead_letters=self.dead_letters,
+            store_failures=self._failures[STORE],
+            key_provider_failures=self._failures[KEY_PROVIDER],
+            kafka_failures=self._failures[KAFKA],
+            commits=self.commits,
+            commit_failures=self.commit_failures,
+            lag_messages=lag,
+            partitions_assigned=len(assigned),
+        )
+
+    def readiness(self) -> list[str]:
+        """Reasons the ingester is not fully working, empty when it is."""
+        reasons = [
+            f"{component} failing ({count} attempts in a row): {error}"
+            for component, (count, error) in sorted(self._failing.items())
+        ]
+        if self._consumer is None:
+            reasons.append("not consuming from kafka yet")
+        return reasons
+
+    def _failed(self, component: str, exc: BaseException) -> None:
+        """An attempt failed and will be retried: counted, and `component` is failing."""
+        self._failures[component] += 1
+        self._mark_failing(component, exc)
+
+    def _mark_failing(self, component: str, exc: BaseException) -> None:
+        count = self._failing.get(component, (0, ""))[0] + 1
+        self._failing[component] = (count, str(exc) or type(exc).__name__)
+
+    def _succeeded(self, *components: str) -> None:
+        for component in components:
+            self._failing.pop(component, None)
+
     async def run(self) -> None:
-        writer = await self._retrying("connecting to the lineage store", self._connect)
+        writer = await self._retrying(STORE, "connecting to the lineage store", self._connect)
         if writer is None:
             return
         try:
-            consumer = await self._retrying("connecting to kafka", self._start_consumer)
+            consumer = await self._retrying(KAFKA, "connecting to kafka", self._start_consumer)
             if consumer is None:
                 return
+            self._consumer = consumer
             try:
                 while not self._stopping.is_set():
                     fetched = await consumer.getmany(
@@ -121,6 +193,7 @@ class Ingester:
                     if fetched:
                         await self._ingest(consumer, writer, fetched)
             finally:
+                self._consumer = None
                 with contextlib.suppress(KafkaError, OSError):
                     await consumer.stop()
         finally:
@@ -154,17 +227,22 @@ class Ingester:
             raise
         return consumer
 
-    async def _retrying(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T | None:
+    async def _retrying(
+        self, component: str, what: str, attempt: Callable[[], Awaitable[T]]
+    ) -> T | None:
         """Call `attempt` until it succeeds or the ingester stops (then None)."""
         delay = self._config.retry_initial
         while not self._stopping.is_set():
             try:
-                return await attempt()
+                result = await attempt()
             except (StoreError, KafkaError, OSError) as exc:
                 if isinstance(exc, StoreError) and not exc.retriable:
                     raise
-                self.retries += 1
+                self._failed(component, exc)
                 log.warning("%s failed, retrying in %.1fs: %s", what, delay, exc)
+            else:
+                self._succeeded(component)
+                return result
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
             delay = min(delay * 2, self._config.retry_max)
@@ -186,7 +264,7 @@ class Ingester:
             except (StoreError, KeyProviderError) as exc:
                 if isinstance(exc, StoreError) and not exc.retriable:
                     raise
-                self.retries += 1
+                self._failed(STORE if isinstance(exc, StoreError) else KEY_PROVIDER, exc)
                 log.warning(
                     "storing %d messages failed, offsets held, retrying in %.1fs: %s",
                     len(records),
@@ -198,15 +276,19 @@ class Ingester:
                 if self._stopping.is_set():
                     return
                 delay = min(delay * 2, self._config.retry_max)
+        self._succeeded(STORE, KEY_PROVIDER)
         self.messages += len(records)
         offsets = {partition: batch[-1].offset + 1 for partition, batch in fetched.items() if batch}
+        self._stored_up_to.update(offsets)
         try:
             await consumer.commit(offsets)
             self.commits += 1
+            self._succeeded(KAFKA)
         except KafkaError as exc:
             # Usually a rebalance: the partition moved to another member, which will fetch
             # these messages again and find their events already stored.
             self.commit_failures += 1
+            self._mark_failing(KAFKA, exc)
             log.warning("committing offsets failed (they will be redelivered): %s", exc)
 
     async def _store(
@@ -283,11 +365,24 @@ class Ingester:
 
 
 async def run_ingester(config: IngestProcessConfig) -> None:
-    """Run the ingester until SIGTERM or SIGINT."""
-    provider = open_key_provider(config.keys)
-    dsn = resolve_dsn(config.store.dsn)
-    if config.store.migrate:
-        await migrate(dsn)
+    """Run the ingester, and its admin listener when configured, until SIGTERM or SIGINT.
+
+    Stop order: the admin listener stops accepting, then the ingester finishes the fetch
+    in hand (stored and committed, or left for the next run), leaves the group and closes
+    the store."""
+    listen = config.ingest.admin_listen
+    # Bound first: an address in use ends the start before the key provider, the store or
+    # a migration is touched.
+    admin_socket = bind_admin(listen, "ingest.admin_listen") if listen is not None else None
+    try:
+        provider = open_key_provider(config.keys)
+        dsn = resolve_dsn(config.store.dsn)
+        if config.store.migrate:
+            await migrate(dsn)
+    except BaseException:
+        if admin_socket is not None:
+            admin_socket.close()
+        raise
     ingester = Ingester(
         config.ingest,
         config.kafka,
@@ -295,10 +390,26 @@ async def run_ingester(config: IngestProcessConfig) -> None:
         dsn=dsn,
         max_connections=config.store.max_connections,
     )
+    admin = (
+        AdminListener(ingester, admin_socket, INGEST_METRICS) if admin_socket is not None else None
+    )
+    stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, ingester.stop)
-    await ingester.run()
+        loop.add_signal_handler(signum, stopping.set)
+    running = asyncio.create_task(ingester.run(), name="lineage-ingester")
+    signalled = asyncio.create_task(stopping.wait(), name="lineage-ingester-stop-signal")
+    try:
+        if admin is not None:
+            await admin.start()
+            log.info("ingest admin listener on %s", admin.url)
+        await asyncio.wait((running, signalled), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        signalled.cancel()
+        if admin is not None:
+            await admin.stop()
+        ingester.stop()
+        await running
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -194,7 +194,14 @@ def write_configs(setup: Setup, spool: Path, *, name: str, sink: str) -> tuple[P
         },
         "derive": {"runs": {"end_header": END_HEADER}},
     }
-    ingest = {**common, "ingest": {"group_id": f"bench-{name}", "max_poll_records": 200}}
+    ingest = {
+        **common,
+        "ingest": {
+            "group_id": f"bench-{name}",
+            "max_poll_records": 200,
+            "admin_listen": "127.0.0.1:0",
+        },
+    }
     agent_path = setup.work / f"{name}-agent.yaml"
     ingest_path = setup.work / f"{name}-ingest.yaml"
     agent_path.write_text(yaml.safe_dump(agent))

@@ -180,6 +180,7 @@ async def test_kill_9_the_ingester_mid_stream_and_restart_loses_nothing(
                     "max_poll_records": 3,
                     "poll_timeout": 0.1,
                     "retry_initial": 0.05,
+                    "admin_listen": "127.0.0.1:0",
                 },
                 "kafka": {"bootstrap_servers": kafka_bootstrap, "topic": topic},
                 "keys": {"keyring": str(keyring.path)},

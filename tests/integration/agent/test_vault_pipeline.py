@@ -57,7 +57,12 @@ def shared_config(
         "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "key_buckets": 8},
         "keys": {"provider": "vault", "vault": vault},
         "store": {"dsn": dsn, "migrate": False},
-        "ingest": {"group_id": f"{topic}-ingest", "poll_timeout": 0.1, "retry_initial": 0.05},
+        "ingest": {
+            "group_id": f"{topic}-ingest",
+            "poll_timeout": 0.1,
+            "retry_initial": 0.05,
+            "admin_listen": "127.0.0.1:0",
+        },
     }
     path.write_text(yaml.safe_dump(config))
     return path
@@ -183,6 +188,7 @@ def test_an_unresolvable_vault_token_stops_agent_and_ingest_with_one_line(tmp_pa
                     "sink": "kafka",
                     "admin_listen": "127.0.0.1:0",
                 },
+                "ingest": {"admin_listen": "127.0.0.1:0"},
                 "keys": {
                     "provider": "vault",
                     "vault": {
@@ -198,9 +204,9 @@ def test_an_unresolvable_vault_token_stops_agent_and_ingest_with_one_line(tmp_pa
     # The module entry points the benchmarks use end the same way (each reads only its
     # own sections).
     sections = yaml.safe_load(config.read_text())
-    for module, drop in (("agent.agent", "store"), ("agent.ingest", "agent")):
+    for module, drop in (("agent.agent", ("store", "ingest")), ("agent.ingest", ("agent",))):
         own = tmp_path / f"{module}.yaml"
-        own.write_text(yaml.safe_dump({k: v for k, v in sections.items() if k != drop}))
+        own.write_text(yaml.safe_dump({k: v for k, v in sections.items() if k not in drop}))
         result = subprocess.run(
             [sys.executable, "-m", module, "--config", str(own)],
             capture_output=True,

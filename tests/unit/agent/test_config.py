@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import AgentProcessConfig, load_file
-from lineage_sidecar.config import AGENT_SECTIONS, ConfigError, load_process
+from agent.config import AgentProcessConfig, IngestProcessConfig, load_file
+from lineage_sidecar.config import AGENT_SECTIONS, INGEST_SECTIONS, ConfigError, load_process
 
 
 def test_a_key_given_twice_is_refused_with_its_line(tmp_path: Path) -> None:
@@ -78,3 +78,37 @@ def test_the_admin_listener_is_on_loopback_by_default_and_null_turns_it_off(
     config = load_process(path, AgentProcessConfig, AGENT_SECTIONS, environ={})
     assert isinstance(config, AgentProcessConfig)
     assert config.agent.admin_listen is None
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("127.0.0.1:70000", "port 70000 is out of range"),
+        ("[1:2:3]:9903", "is not an IPv6 address"),
+        ("no port", "Expected `str` matching regex"),
+    ],
+)
+def test_a_bad_ingest_admin_listen_is_refused_naming_the_field(
+    tmp_path: Path, value: str, problem: str
+) -> None:
+    path = tmp_path / "ingest.yaml"
+    path.write_text(f'ingest:\n  admin_listen: "{value}"\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"ingest\.admin_listen") as refused:
+        load_file(path, IngestProcessConfig)
+    assert problem in str(refused.value)
+    with pytest.raises(ConfigError, match=r"ingest\.admin_listen") as refused_by_cli:
+        load_process(path, IngestProcessConfig, INGEST_SECTIONS, environ={})
+    assert problem in str(refused_by_cli.value)
+
+
+def test_the_ingester_listens_on_loopback_9903_by_default_and_null_turns_it_off(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "ingest.yaml"
+    path.write_text("ingest:\n  group_id: g\n", encoding="utf-8")
+    assert load_file(path, IngestProcessConfig).ingest.admin_listen == "127.0.0.1:9903"
+    path.write_text("ingest:\n  admin_listen: null\n", encoding="utf-8")
+    assert load_file(path, IngestProcessConfig).ingest.admin_listen is None
+    config = load_process(path, IngestProcessConfig, INGEST_SECTIONS, environ={})
+    assert isinstance(config, IngestProcessConfig)
+    assert config.ingest.admin_listen is None

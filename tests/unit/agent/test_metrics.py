@@ -7,6 +7,7 @@ import dataclasses
 import time
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -15,7 +16,14 @@ from agent.batch import EventBatch
 from agent.config import AgentConfig, AgentProcessConfig
 from agent.derive import DeriveConfig, Deriver
 from agent.derive.runs import RunConfig
-from agent.metrics import METRICS, AgentCollector, AgentStats
+from agent.metrics import (
+    AGENT_METRICS,
+    INGEST_METRICS,
+    AgentStats,
+    IngestStats,
+    MetricTable,
+    StatsCollector,
+)
 from agent.spool import SpoolOptions, SpoolWriter, encode_segment_header, segment_name
 from tests.unit.agent.factories import SECOND, make_record, traceparent
 
@@ -24,10 +32,10 @@ END = "x-run-end"
 DERIVE = DeriveConfig(runs=RunConfig(end_header=END, idle_timeout_ns=3600 * SECOND))
 
 
-def scrape(stats: AgentStats) -> dict[str, tuple[str, str, float]]:
+def scrape(table: MetricTable, stats: object) -> dict[str, tuple[str, str, float]]:
     """metric family name -> (type, help, value), as Prometheus would read it."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(AgentCollector(lambda: stats))
+    registry.register(StatsCollector(table, lambda: stats))
     text = generate_latest(registry).decode()
     families: dict[str, tuple[str, str, float]] = {}
     for family in text_string_to_metric_families(text):
@@ -36,40 +44,51 @@ def scrape(stats: AgentStats) -> dict[str, tuple[str, str, float]]:
     return families
 
 
-def test_every_stat_is_exposed_once_with_its_type_help_and_value() -> None:
-    names = [field.name for field in dataclasses.fields(AgentStats)]
+@pytest.mark.parametrize(
+    ("table", "kind", "gauges"),
+    [
+        (
+            AGENT_METRICS,
+            AgentStats,
+            {"lag_bytes", "open_runs", "spools_reading", "spools_stopped"},
+        ),
+        (INGEST_METRICS, IngestStats, {"lag_messages", "partitions_assigned"}),
+    ],
+)
+def test_every_stat_is_exposed_once_with_its_type_help_and_value(
+    table: MetricTable, kind: type[AgentStats] | type[IngestStats], gauges: set[str]
+) -> None:
+    names = [field.name for field in dataclasses.fields(kind)]
     # A distinct value per field, so a metric wired to the wrong counter shows.
-    stats = AgentStats(**{name: 1000 + index for index, name in enumerate(names)})
-    families = scrape(stats)
-    assert len(families) == len(names) == len(METRICS)
+    stats = kind(**{name: 1000 + index for index, name in enumerate(names)})
+    families = scrape(table, stats)
+    assert len(families) == len(names) == len(table.specs)
     for index, name in enumerate(names):
-        [spec] = [spec for spec in METRICS if spec.field == name]
-        exposed = f"lineage_agent_{name}" + ("_total" if spec.kind == "counter" else "")
-        kind, help_text, value = families[exposed]
-        assert (kind, value) == (spec.kind, 1000 + index)
+        [spec] = [spec for spec in table.specs if spec.field == name]
+        exposed = table.prefix + name + ("_total" if spec.kind == "counter" else "")
+        assert table.name(spec) == exposed
+        kind_exposed, help_text, value = families[exposed]
+        assert (kind_exposed, value) == (spec.kind, 1000 + index)
         assert help_text == spec.help
         assert help_text
-    gauges = {name for name, (kind, _, _) in families.items() if kind == "gauge"}
-    assert gauges == {
-        "lineage_agent_lag_bytes",
-        "lineage_agent_open_runs",
-        "lineage_agent_spools_reading",
-        "lineage_agent_spools_stopped",
-    }
+    exposed_gauges = {name for name, (kind_, _, _) in families.items() if kind_ == "gauge"}
+    assert exposed_gauges == {table.prefix + name for name in gauges}
 
 
 def test_a_scrape_reads_the_stats_as_they_stand_then() -> None:
     current = [AgentStats(events_derived=3)]
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(AgentCollector(lambda: current[0]))
+    registry.register(StatsCollector(AGENT_METRICS, lambda: current[0]))
     assert b"lineage_agent_events_derived_total 3.0" in generate_latest(registry)
     current[0] = AgentStats(events_derived=7)
     assert b"lineage_agent_events_derived_total 7.0" in generate_latest(registry)
 
 
-def test_the_operations_guide_lists_every_agent_metric() -> None:
+@pytest.mark.parametrize("table", [AGENT_METRICS, INGEST_METRICS], ids=["agent", "ingest"])
+def test_the_operations_guide_lists_every_metric(table: MetricTable) -> None:
     guide = (REPO / "docs" / "operations.md").read_text()
-    missing = [spec.name for spec in METRICS if f"`{spec.name}`" not in guide]
+    names = [table.name(spec) for spec in table.specs]
+    missing = [name for name in names if f"`{name}`" not in guide]
     assert not missing, f"docs/operations.md does not describe {missing}"
 
 
