@@ -13,6 +13,10 @@ from collections.abc import Awaitable, Callable
 import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
 
 from proxy.metrics import render
 
@@ -50,6 +54,37 @@ class TCPProbe:
             self._last = f"{self._name} {self._host}:{self._port} unreachable: {detail}"
         self._checked_at = loop.time()
         return self._last
+
+
+class RedisProbe:
+    """Does Redis answer a PING within `timeout`? Its own connection, not the request
+    pool's: a probe must neither wait behind requests nor hold a connection they need."""
+
+    def __init__(self, url: str, password: str | None, *, timeout: float = 0.5) -> None:
+        self._password = password
+        self._timeout = timeout
+        self._client = Redis.from_url(
+            url,
+            password=password,
+            socket_connect_timeout=timeout,
+            socket_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+        )
+
+    async def __call__(self) -> str | None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._client.ping()
+        except (RedisError, OSError, TimeoutError) as exc:
+            detail = str(exc) or "timed out"
+            if self._password:
+                # redis-py names host and port, never the password; make sure of it.
+                detail = detail.replace(self._password, "***")
+            return f"redis unreachable: {detail}"
+        return None
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
 
 
 def admin_app(checks: list[ReadinessCheck], registry: CollectorRegistry | None) -> web.Application:

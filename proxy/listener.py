@@ -44,6 +44,7 @@ from lineage_sidecar.config import (
     parse_listen,
 )
 from proxy.accesslog import AccessLog
+from proxy.admin import RedisProbe
 from proxy.audit import AuditEntry, AuditLog
 from proxy.authn.chain import AuthChain, Authenticator, BearerJWT, CookieSession, OpaqueBearer
 from proxy.authn.idp.app import IdentityProvider
@@ -76,6 +77,9 @@ from proxy.upstream import UpstreamPool
 log = logging.getLogger(__name__)
 # How often the counters of the policy store, spool and audit log reach /metrics.
 METRICS_INTERVAL_S = 0.5
+# How often a worker PINGs Redis for /readyz, and how long it waits for the answer.
+REDIS_PROBE_INTERVAL_S = 1.0
+REDIS_PROBE_TIMEOUT_S = 0.5
 
 
 def redis_client(config: RedisConfig) -> Redis:
@@ -304,6 +308,8 @@ class ProxyWorker:
         self.tap: Tap | None = None
         self.idp: IdentityProvider | None = None
         self.redis: Redis | None = None
+        self.redis_probe: RedisProbe | None = None
+        self._redis_problem: str | None = None
         self.internal: list[InternalBackend] = []
         self.introspectors: list[TokenIntrospector] = []
         self.internal_default: InternalBackend | None = None
@@ -385,6 +391,14 @@ class ProxyWorker:
                 )
         if self.audit is not None:
             self._spawn(self.audit.run(), "audit-writer")
+        if self.config.redis is not None:
+            # Requests that need Redis fail closed (503) while it is down: /readyz says so.
+            # Probed in the background, so neither requests nor /readyz wait on Redis.
+            redis = self.config.redis
+            password = redis.password.value if redis.password is not None else None
+            self.redis_probe = RedisProbe(redis.url, password, timeout=REDIS_PROBE_TIMEOUT_S)
+            self._redis_problem = await self.redis_probe()
+            self._spawn(self._watch_redis(self.redis_probe), "redis-probe")
         # Everything built so far lives as long as the process: move it out of the cyclic
         # collector's reach so full collections (the proxy's p99 spikes) scan less.
         gc.collect()
@@ -622,7 +636,20 @@ class ProxyWorker:
                 reasons.append(f"capture spool cannot write: {self.spool.last_write_error}")
         if self.audit is not None and self.audit.pending > 100_000:
             reasons.append(f"audit log is behind by {self.audit.pending} decisions")
+        if self._redis_problem is not None:
+            reasons.append(self._redis_problem)
         return reasons
+
+    async def _watch_redis(self, probe: RedisProbe) -> None:
+        while True:
+            await asyncio.sleep(REDIS_PROBE_INTERVAL_S)
+            problem = await probe()
+            if problem != self._redis_problem:
+                if problem is None:
+                    log.info("redis reachable again")
+                else:
+                    log.warning("%s", problem)
+            self._redis_problem = problem
 
     def state(self) -> WorkerState:
         """The counters of this worker's parts, for `ProxyMetrics.publish`."""
@@ -691,5 +718,7 @@ class ProxyWorker:
         self.metrics.publish(self.state())
         if self.redis is not None:
             await self.redis.aclose()
+        if self.redis_probe is not None:
+            await self.redis_probe.aclose()
         if self.forwarder is not None and self.forwarder.pool is not None:
             self.forwarder.pool.close()
