@@ -10,7 +10,7 @@ from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
 from agent.capture import CaptureRecord
-from agent.spool import SpoolOptions, SpoolReader, SpoolWriter
+from agent.spool import SpoolFullError, SpoolOptions, SpoolReader, SpoolWriter
 from proxy.authn.principal import Principal
 from proxy.authz.engine import Decision
 from proxy.authz.store import build_snapshot
@@ -169,9 +169,8 @@ async def test_a_record_waiting_for_room_is_kept_when_its_client_hangs_up(tmp_pa
         ),
     )
     tap = Tap(spool, service="http://sales.test", correlation_headers=())
-    waiting = None
     count = 0
-    while waiting is None:
+    while True:
         request = make_mocked_request("GET", f"/r{count}")
         waiting = tap.record(
             request,
@@ -185,6 +184,16 @@ async def test_a_record_waiting_for_room_is_kept_when_its_client_hangs_up(tmp_pa
             body_excerpt=None,
         )
         count += 1
+        if waiting is None:
+            continue
+        # Refused while records were still buffered: full only if it is still refused
+        # once they are on disk (their framing is counted exactly there).
+        await spool.flush_async()
+        try:
+            if spool.append(waiting):
+                continue
+        except SpoolFullError:
+            break
     handler = asyncio.create_task(tap.append_wait(waiting))
     await spool.flush_async()
     assert not handler.done()
