@@ -10,21 +10,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent.capture import CaptureRecord
 from agent.derive import DeriveConfig, Deriver
 from agent.derive.runs import RunConfig
 from agent.events import AccessEvent, LineageEvent, RunEvent
 from agent.spool import SpoolOptions, SpoolWriter
+from tests.services import REPO_ROOT
 
+CLI = str(Path(sys.executable).with_name("lineage-sidecar"))
 SERVICE = "https://warehouse.test:8001"
 END_HEADER = "x-run-end"
 # Runs end by their end header; the idle timeout is long so that the wall-clock tick of a
@@ -202,6 +209,42 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"gave up waiting for {what} after {timeout_s}s")
         await asyncio.sleep(0.05)
+
+
+def start_process(command: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """Start quickly (fork and exec), output appended to `log`."""
+    with log.open("ab") as output:
+        return subprocess.Popen(command, cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT)
+
+
+async def logged_admin_url(process: subprocess.Popen[bytes], log: Path, name: str) -> str:
+    """The address `name` ("agent", "ingest") logged once its admin listener accepts (port
+    0: the kernel's pick)."""
+    listening_line = re.compile(rf"{name} admin listener on (http://\S+)")
+    found: list[str] = []
+
+    async def listening() -> bool:
+        text = await asyncio.to_thread(log.read_text)
+        assert process.poll() is None, text
+        found.extend(listening_line.findall(text))
+        return bool(found)
+
+    await wait_for(listening, what=f"the {name} admin listener")
+    return found[0]
+
+
+async def http_get(session: aiohttp.ClientSession, url: str) -> tuple[int, str]:
+    async with session.get(url) as reply:
+        return reply.status, await reply.text()
+
+
+def metric_samples(exposition: str) -> dict[str, float]:
+    """Sample name -> value of a Prometheus text exposition."""
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+    }
 
 
 async def wait_for_events(dsn: str, expected: int, *, timeout_s: float = 60.0) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import signal
 import socket
 import subprocess
@@ -20,21 +19,22 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from agent.spool import encode_segment_header, segment_name
 from tests.integration.agent.harness import (
+    CLI,
     END_HEADER,
     etl_records,
+    http_get,
+    logged_admin_url,
+    metric_samples,
     reference_events,
+    start_process,
     stored_event_count,
     wait_for,
     write_spool,
 )
 from tests.services import REPO_ROOT
-
-CLI = str(Path(sys.executable).with_name("lineage-sidecar"))
-LISTENING = re.compile(r"agent admin listener on (http://\S+)")
 
 
 def write_config(path: Path, spool: Path, dsn: str, admin_listen: str) -> Path:
@@ -57,40 +57,7 @@ def write_config(path: Path, spool: Path, dsn: str, admin_listen: str) -> Path:
 
 
 def start_agent(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as output:
-        return subprocess.Popen(
-            [CLI, "agent", "--config", str(config)],
-            cwd=REPO_ROOT,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
-
-
-async def admin_url(process: subprocess.Popen[bytes], log: Path) -> str:
-    """The address the agent logged once its listener accepts (port 0: the kernel's pick)."""
-    found: list[str] = []
-
-    async def listening() -> bool:
-        text = await asyncio.to_thread(log.read_text)
-        assert process.poll() is None, text
-        found.extend(LISTENING.findall(text))
-        return bool(found)
-
-    await wait_for(listening, what="the agent's admin listener")
-    return found[0]
-
-
-async def get(session: aiohttp.ClientSession, url: str) -> tuple[int, str]:
-    async with session.get(url) as reply:
-        return reply.status, await reply.text()
-
-
-def samples(exposition: str) -> dict[str, float]:
-    return {
-        sample.name: sample.value
-        for family in text_string_to_metric_families(exposition)
-        for sample in family.samples
-    }
+    return start_process([CLI, "agent", "--config", str(config)], log)
 
 
 async def test_the_agent_reports_health_readiness_and_metrics(
@@ -104,13 +71,13 @@ async def test_the_agent_reports_health_readiness_and_metrics(
     log = tmp_path / "agent.log"
     process = start_agent(config, log)
     try:
-        admin = await admin_url(process, log)
+        admin = await logged_admin_url(process, log, "agent")
         async with aiohttp.ClientSession() as session:
 
             async def metrics() -> dict[str, float]:
-                status, text = await get(session, f"{admin}/metrics")
+                status, text = await http_get(session, f"{admin}/metrics")
                 assert status == 200
-                return samples(text)
+                return metric_samples(text)
 
             async def delivered(count: int) -> bool:
                 now = await metrics()
@@ -120,11 +87,11 @@ async def test_the_agent_reports_health_readiness_and_metrics(
                     and now["lineage_agent_lag_bytes"] == 0
                 )
 
-            assert await get(session, f"{admin}/healthz") == (200, "ok\n")
+            assert await http_get(session, f"{admin}/healthz") == (200, "ok\n")
             expected = len(reference_events(first))
             await wait_for(lambda: delivered(expected), what=f"{expected} events sent")
             assert await stored_event_count(store_dsn) == expected
-            status, body = await get(session, f"{admin}/readyz")
+            status, body = await http_get(session, f"{admin}/readyz")
             assert (status, json.loads(body)) == (200, {"ready": True, "reasons": []})
 
             # A worker spool of a segment format this agent does not know appears.
@@ -133,10 +100,10 @@ async def test_the_agent_reports_health_readiness_and_metrics(
             bad.write_bytes(encode_segment_header(1, format_version=7))
 
             async def not_ready() -> bool:
-                return (await get(session, f"{admin}/readyz"))[0] == 503
+                return (await http_get(session, f"{admin}/readyz"))[0] == 503
 
             await wait_for(not_ready, what="/readyz reporting the stopped spool")
-            status, body = await get(session, f"{admin}/readyz")
+            status, body = await http_get(session, f"{admin}/readyz")
             readiness: dict[str, Any] = json.loads(body)
             assert readiness["ready"] is False
             [reason] = readiness["reasons"]
@@ -153,8 +120,8 @@ async def test_the_agent_reports_health_readiness_and_metrics(
             assert now["lineage_agent_spools_reading"] == 1
             assert now["lineage_agent_spools_stopped"] == 1
             assert now["lineage_agent_send_failures_total"] == 0
-            assert (await get(session, f"{admin}/readyz"))[0] == 503
-            assert (await get(session, f"{admin}/nothing-here"))[0] == 404
+            assert (await http_get(session, f"{admin}/readyz"))[0] == 503
+            assert (await http_get(session, f"{admin}/nothing-here"))[0] == 404
 
         process.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(process.wait, 30) == 0, log.read_text()[-3000:]

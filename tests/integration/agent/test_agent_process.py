@@ -25,6 +25,7 @@ from tests.integration.agent.harness import (
     etl_records,
     reference_events,
     snapshot,
+    start_process,
     stored_event_count,
     wait_for,
     wait_for_events,
@@ -63,12 +64,6 @@ def write_config(path: Path, spool: Path, bootstrap: str, topic: str, keyring: P
     }
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def start_process(command: list[str], log: Path) -> subprocess.Popen[bytes]:
-    """Start quickly (fork and exec), output appended to `log`."""
-    with log.open("ab") as output:
-        return subprocess.Popen(command, cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT)
 
 
 def start_agent(config: Path, log: Path) -> subprocess.Popen[bytes]:

@@ -9,7 +9,6 @@ reach it, and a listener it cannot open stops it with one line.
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
 import socket
 import subprocess
@@ -24,18 +23,19 @@ from aiokafka import AIOKafkaProducer
 from agent.batch import BatchBuilder, seal_part
 from agent.keys import LocalKeyring
 from tests.integration.agent.harness import (
+    CLI,
     create_topic,
     etl_records,
+    http_get,
+    logged_admin_url,
+    metric_samples,
     reference_events,
     snapshot,
+    start_process,
     stored_event_count,
     wait_for,
 )
-from tests.integration.agent.test_agent_admin import get, samples
 from tests.services import REPO_ROOT
-
-CLI = str(Path(sys.executable).with_name("lineage-sidecar"))
-LISTENING = re.compile(r"ingest admin listener on (http://\S+)")
 
 
 def write_config(
@@ -58,27 +58,7 @@ def write_config(
 
 
 def start_ingester(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as output:
-        return subprocess.Popen(
-            [CLI, "ingest", "--config", str(config)],
-            cwd=REPO_ROOT,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
-
-
-async def admin_url(process: subprocess.Popen[bytes], log: Path) -> str:
-    """The address the ingester logged once its listener accepts (port 0: the kernel's)."""
-    found: list[str] = []
-
-    async def listening() -> bool:
-        text = await asyncio.to_thread(log.read_text)
-        assert process.poll() is None, text
-        found.extend(LISTENING.findall(text))
-        return bool(found)
-
-    await wait_for(listening, what="the ingester's admin listener")
-    return found[0]
+    return start_process([CLI, "ingest", "--config", str(config)], log)
 
 
 def stop(process: subprocess.Popen[bytes], log: Path) -> None:
@@ -130,14 +110,14 @@ async def test_the_ingester_reports_health_readiness_and_metrics(
     log = tmp_path / "ingest.log"
     process = start_ingester(config, log)
     try:
-        admin = await admin_url(process, log)
+        admin = await logged_admin_url(process, log, "ingest")
         async with aiohttp.ClientSession() as session:
-            assert await get(session, f"{admin}/healthz") == (200, "ok\n")
+            assert await http_get(session, f"{admin}/healthz") == (200, "ok\n")
 
             async def metrics() -> dict[str, float]:
-                status, text = await get(session, f"{admin}/metrics")
+                status, text = await http_get(session, f"{admin}/metrics")
                 assert status == 200
-                return samples(text)
+                return metric_samples(text)
 
             async def ingested() -> bool:
                 now = await metrics()
@@ -158,9 +138,9 @@ async def test_the_ingester_reports_health_readiness_and_metrics(
             assert now["lineage_ingest_store_failures_total"] == 0
             assert now["lineage_ingest_partitions_assigned"] == 1
             assert now["lineage_ingest_lag_messages"] == 0
-            status, body = await get(session, f"{admin}/readyz")
+            status, body = await http_get(session, f"{admin}/readyz")
             assert (status, body) == (200, '{"ready":true,"reasons":[]}')
-            assert (await get(session, f"{admin}/nothing-here"))[0] == 404
+            assert (await http_get(session, f"{admin}/nothing-here"))[0] == 404
         await asyncio.to_thread(stop, process, log)
     finally:
         if process.poll() is None:
@@ -186,20 +166,20 @@ async def test_readiness_names_a_store_that_keeps_failing(
     log = tmp_path / "ingest.log"
     process = start_ingester(config, log)
     try:
-        admin = await admin_url(process, log)
+        admin = await logged_admin_url(process, log, "ingest")
         async with aiohttp.ClientSession() as session:
 
             async def failed_twice() -> bool:
-                text = (await get(session, f"{admin}/metrics"))[1]
-                return samples(text)["lineage_ingest_store_failures_total"] >= 2
+                text = (await http_get(session, f"{admin}/metrics"))[1]
+                return metric_samples(text)["lineage_ingest_store_failures_total"] >= 2
 
             await wait_for(failed_twice, what="two failed store connections")
-            status, body = await get(session, f"{admin}/readyz")
+            status, body = await http_get(session, f"{admin}/readyz")
             assert status == 503
             reasons = yaml.safe_load(body)["reasons"]
             assert any(reason.startswith("lineage store failing (") for reason in reasons)
             assert "not consuming from kafka yet" in reasons
-            assert (await get(session, f"{admin}/healthz"))[0] == 200
+            assert (await http_get(session, f"{admin}/healthz"))[0] == 200
         await asyncio.to_thread(stop, process, log)
     finally:
         if process.poll() is None:
