@@ -26,6 +26,7 @@ import yaml
 
 from lineage_sidecar.demo import make_sample_database, stop_process
 from proxy.tls import generate_dev_pair
+from tests.integration.proxy.rawhttp import get
 
 REPO = Path(__file__).resolve().parents[3]
 CLI = str(Path(sys.executable).with_name("lineage-sidecar"))
@@ -36,6 +37,19 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def wait_for_readyz(admin_port: int, status: int, *needles: str) -> str:
+    """The /readyz body once it has `status` and holds every needle (workers report about
+    twice a second; the deadline is a safety net, not a timing requirement)."""
+    deadline = time.monotonic() + 15
+    while True:
+        reply = get(admin_port, "/readyz")
+        body = reply.body.decode()
+        if reply.status == status and all(n in body for n in needles):
+            return body
+        assert time.monotonic() < deadline, (status, reply.status, body)
+        time.sleep(0.1)
 
 
 def wait_for(url: str, seconds: float, process: subprocess.Popen[bytes], log: Path) -> None:

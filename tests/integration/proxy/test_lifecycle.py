@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.integration.proxy.conftest import CLI, run_proxy
+from tests.integration.proxy.conftest import CLI, run_proxy, wait_for_readyz
 from tests.integration.proxy.rawhttp import Reply, get
 from tests.integration.proxy.test_gate import MODEL, POLICY, ROUTES
 
@@ -76,7 +76,7 @@ def test_each_worker_reports_a_refused_policy_edit_in_readyz(
         assert get(proxy.admin_port, "/readyz").status == 200
         (policies / "policy.csv").write_text(POLICY + "p, analyst\n")
         # Each worker notices the edit at its own poll: wait until both have said so.
-        reasons = _wait_for_readyz(proxy.admin_port, 503, "worker 0: ", "worker 1: ")
+        reasons = wait_for_readyz(proxy.admin_port, 503, "worker 0: ", "worker 1: ")
         assert reasons.count("policy.csv:10: p line has 1 fields") == 2  # file and line
         # And the metrics an alert is written on, summed over both workers.
         broken = _wait_for_metrics(
@@ -88,7 +88,7 @@ def test_each_worker_reports_a_refused_policy_edit_in_readyz(
         )
         # Edited back to the version in force: recovered, and no reload (nothing swapped).
         (policies / "policy.csv").write_text(POLICY)
-        _wait_for_readyz(proxy.admin_port, 200)
+        wait_for_readyz(proxy.admin_port, 200)
         ok = 'lineage_sidecar_policy_reloads_total{result="ok"}'
         _wait_for_metrics(
             proxy.admin_port,
@@ -116,17 +116,6 @@ def _wait_for_metrics(admin_port: int, expected: dict[str, float]) -> dict[str, 
             return samples
         found = {k: samples.get(k) for k in expected}
         assert time.monotonic() < deadline, (expected, found)
-        time.sleep(0.1)
-
-
-def _wait_for_readyz(admin_port: int, status: int, *needles: str) -> str:
-    deadline = time.monotonic() + 15
-    while True:
-        reply = get(admin_port, "/readyz")
-        body = reply.body.decode()
-        if reply.status == status and all(n in body for n in needles):
-            return body
-        assert time.monotonic() < deadline, (status, reply.status, body)
         time.sleep(0.1)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.proxy.conftest import free_port, run_proxy
+from tests.integration.proxy.conftest import free_port, run_proxy, wait_for_readyz
 from tests.integration.proxy.rawhttp import get
 
 PASSWORD = "probe-secret-7f3a"
@@ -61,17 +61,6 @@ def kill(process: subprocess.Popen[bytes]) -> None:
         process.wait(timeout=10)
 
 
-def _wait_for_readyz(admin_port: int, status: int, *needles: str) -> str:
-    deadline = time.monotonic() + 15  # a safety net, not a timing requirement
-    while True:
-        reply = get(admin_port, "/readyz")
-        body = reply.body.decode()
-        if reply.status == status and all(n in body for n in needles):
-            return body
-        assert time.monotonic() < deadline, (status, reply.status, body)
-        time.sleep(0.1)
-
-
 @pytest.mark.parametrize("workers", [1, 2])
 def test_readyz_follows_redis_down_and_back(
     echo_upstream: str, tmp_path: Path, workers: int
@@ -99,9 +88,9 @@ def test_readyz_follows_redis_down_and_back(
     ):
         assert get(proxy.admin_port, "/readyz").status == 200
         kill(redis)
-        body = _wait_for_readyz(proxy.admin_port, 503, *down)
+        body = wait_for_readyz(proxy.admin_port, 503, *down)
         assert PASSWORD not in body
         # Liveness is not readiness: the process is fine, restarting it would not help.
         assert get(proxy.admin_port, "/healthz").status == 200
         with redis_server(redis_port, tmp_path / "redis-2.log"):
-            assert "redis" not in _wait_for_readyz(proxy.admin_port, 200)
+            assert "redis" not in wait_for_readyz(proxy.admin_port, 200)
