@@ -17,9 +17,12 @@ instead of after a database migration.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import signal
 import socket
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
 
 import msgspec
 from aiohttp import web
@@ -27,6 +30,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from agent.config import parse_listen
 from agent.metrics import AGENT_METRICS, MetricTable, StatsCollector
+
+log = logging.getLogger(__name__)
 
 FIELD = "agent.admin_listen"
 
@@ -119,3 +124,33 @@ class AdminListener:
         """Stop accepting and close the connections (a scrape in flight ends first)."""
         await self._runner.cleanup()
         self._socket.close()  # when it never started; a no-op once the site closed it
+
+
+async def run_until_signalled(
+    name: str,
+    service: Coroutine[Any, Any, None],
+    stop: Callable[[], None],
+    admin: AdminListener | None,
+) -> None:
+    """Run `service` (the agent's or the ingester's `run()`), and `admin` when given, until
+    the service ends or SIGTERM or SIGINT arrives.
+
+    Stop order: the admin listener stops accepting, then `stop()` asks the service to
+    finish, and its end is awaited (its errors are raised here)."""
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    running = asyncio.create_task(service, name=f"lineage-{name}")
+    signalled = asyncio.create_task(stopping.wait(), name=f"lineage-{name}-stop-signal")
+    try:
+        if admin is not None:
+            await admin.start()
+            log.info("%s admin listener on %s", name, admin.url)
+        await asyncio.wait((running, signalled), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        signalled.cancel()
+        if admin is not None:
+            await admin.stop()
+        stop()
+        await running

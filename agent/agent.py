@@ -49,7 +49,6 @@ import contextlib
 import logging
 import os
 import re
-import signal
 import stat
 import sys
 import time
@@ -60,7 +59,7 @@ from typing import NamedTuple
 
 import msgspec
 
-from agent.admin import AdminListener, bind_admin
+from agent.admin import AdminListener, bind_admin, run_until_signalled
 from agent.batch import SEAL_OVERHEAD_BYTES, BatchBuilder, EventBatch, EventTooLargeError
 from agent.config import AgentProcessConfig
 from agent.derive import DeriveConfig, Deriver
@@ -594,26 +593,10 @@ async def run_agent(config: AgentProcessConfig) -> None:
         raise
     agent = LineageAgent(config, sink)
     admin = AdminListener(agent, admin_socket) if admin_socket is not None else None
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
-    running = asyncio.create_task(agent.run(), name="lineage-agent")
-    signalled = asyncio.create_task(stopping.wait(), name="lineage-agent-stop-signal")
     try:
-        if admin is not None:
-            await admin.start()
-            log.info("agent admin listener on %s", admin.url)
-        await asyncio.wait((running, signalled), return_when=asyncio.FIRST_COMPLETED)
+        await run_until_signalled("agent", agent.run(), agent.stop, admin)
     finally:
-        signalled.cancel()
-        if admin is not None:
-            await admin.stop()
-        agent.stop()
-        try:
-            await running
-        finally:
-            await sink.close()
+        await sink.close()
     log.info(
         "agent stopped: %d records read, %d events sent in %d batches",
         agent.records_read,

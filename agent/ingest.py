@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -41,7 +40,7 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from agent.admin import AdminListener, bind_admin
+from agent.admin import AdminListener, bind_admin, run_until_signalled
 from agent.batch import BatchFormatError, open_message
 from agent.config import IngestConfig, IngestProcessConfig, KafkaConfig
 from agent.crypto import DecryptError
@@ -393,23 +392,7 @@ async def run_ingester(config: IngestProcessConfig) -> None:
     admin = (
         AdminListener(ingester, admin_socket, INGEST_METRICS) if admin_socket is not None else None
     )
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
-    running = asyncio.create_task(ingester.run(), name="lineage-ingester")
-    signalled = asyncio.create_task(stopping.wait(), name="lineage-ingester-stop-signal")
-    try:
-        if admin is not None:
-            await admin.start()
-            log.info("ingest admin listener on %s", admin.url)
-        await asyncio.wait((running, signalled), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        signalled.cancel()
-        if admin is not None:
-            await admin.stop()
-        ingester.stop()
-        await running
+    await run_until_signalled("ingest", ingester.run(), ingester.stop, admin)
 
 
 def main(argv: list[str] | None = None) -> int:
