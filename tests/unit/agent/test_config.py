@@ -44,6 +44,14 @@ def test_nesting_too_deep_for_the_parser_is_one_clear_error(tmp_path: Path) -> N
         load_file(path, AgentProcessConfig)
 
 
+# (section, process config, the sections `lineage-sidecar` reads for it, default listener)
+PROCESSES = [
+    ("agent", AgentProcessConfig, AGENT_SECTIONS, "127.0.0.1:9902"),
+    ("ingest", IngestProcessConfig, INGEST_SECTIONS, "127.0.0.1:9903"),
+]
+
+
+@pytest.mark.parametrize(("section", "kind", "sections", "default"), PROCESSES)
 @pytest.mark.parametrize(
     ("value", "problem"),
     [
@@ -54,61 +62,38 @@ def test_nesting_too_deep_for_the_parser_is_one_clear_error(tmp_path: Path) -> N
     ],
 )
 def test_a_bad_admin_listen_is_refused_naming_the_field(
-    tmp_path: Path, value: str, problem: str
+    tmp_path: Path,
+    section: str,
+    kind: type[AgentProcessConfig | IngestProcessConfig],
+    sections: tuple[str, ...],
+    default: str,
+    value: str,
+    problem: str,
 ) -> None:
-    path = tmp_path / "agent.yaml"
-    path.write_text(f'agent:\n  admin_listen: "{value}"\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"agent\.admin_listen") as refused:
-        load_file(path, AgentProcessConfig)
+    path = tmp_path / f"{section}.yaml"
+    path.write_text(f'{section}:\n  admin_listen: "{value}"\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"{section}\.admin_listen") as refused:
+        load_file(path, kind)
     assert problem in str(refused.value)
-    # The main configuration's loader (lineage-sidecar agent) refuses it the same way.
-    with pytest.raises(ConfigError, match=r"agent\.admin_listen") as refused_by_cli:
-        load_process(path, AgentProcessConfig, AGENT_SECTIONS, environ={})
+    # The main configuration's loader (lineage-sidecar agent|ingest) refuses it the same way.
+    with pytest.raises(ConfigError, match=rf"{section}\.admin_listen") as refused_by_cli:
+        load_process(path, kind, sections, environ={})
     assert problem in str(refused_by_cli.value)
 
 
+@pytest.mark.parametrize(("section", "kind", "sections", "default"), PROCESSES)
 def test_the_admin_listener_is_on_loopback_by_default_and_null_turns_it_off(
     tmp_path: Path,
+    section: str,
+    kind: type[AgentProcessConfig | IngestProcessConfig],
+    sections: tuple[str, ...],
+    default: str,
 ) -> None:
-    path = tmp_path / "agent.yaml"
-    path.write_text("agent:\n  spool_dir: /a\n", encoding="utf-8")
-    assert load_file(path, AgentProcessConfig).agent.admin_listen == "127.0.0.1:9902"
-    path.write_text("agent:\n  admin_listen: null\n", encoding="utf-8")
-    assert load_file(path, AgentProcessConfig).agent.admin_listen is None
-    config = load_process(path, AgentProcessConfig, AGENT_SECTIONS, environ={})
-    assert isinstance(config, AgentProcessConfig)
-    assert config.agent.admin_listen is None
-
-
-@pytest.mark.parametrize(
-    ("value", "problem"),
-    [
-        ("127.0.0.1:70000", "port 70000 is out of range"),
-        ("[1:2:3]:9903", "is not an IPv6 address"),
-        ("no port", "Expected `str` matching regex"),
-    ],
-)
-def test_a_bad_ingest_admin_listen_is_refused_naming_the_field(
-    tmp_path: Path, value: str, problem: str
-) -> None:
-    path = tmp_path / "ingest.yaml"
-    path.write_text(f'ingest:\n  admin_listen: "{value}"\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"ingest\.admin_listen") as refused:
-        load_file(path, IngestProcessConfig)
-    assert problem in str(refused.value)
-    with pytest.raises(ConfigError, match=r"ingest\.admin_listen") as refused_by_cli:
-        load_process(path, IngestProcessConfig, INGEST_SECTIONS, environ={})
-    assert problem in str(refused_by_cli.value)
-
-
-def test_the_ingester_listens_on_loopback_9903_by_default_and_null_turns_it_off(
-    tmp_path: Path,
-) -> None:
-    path = tmp_path / "ingest.yaml"
-    path.write_text("ingest:\n  group_id: g\n", encoding="utf-8")
-    assert load_file(path, IngestProcessConfig).ingest.admin_listen == "127.0.0.1:9903"
-    path.write_text("ingest:\n  admin_listen: null\n", encoding="utf-8")
-    assert load_file(path, IngestProcessConfig).ingest.admin_listen is None
-    config = load_process(path, IngestProcessConfig, INGEST_SECTIONS, environ={})
-    assert isinstance(config, IngestProcessConfig)
-    assert config.ingest.admin_listen is None
+    path = tmp_path / f"{section}.yaml"
+    path.write_text(f"{section}: {{}}\n", encoding="utf-8")
+    assert getattr(load_file(path, kind), section).admin_listen == default
+    path.write_text(f"{section}:\n  admin_listen: null\n", encoding="utf-8")
+    assert getattr(load_file(path, kind), section).admin_listen is None
+    config = load_process(path, kind, sections, environ={})
+    assert isinstance(config, kind)
+    assert getattr(config, section).admin_listen is None
