@@ -27,7 +27,7 @@ from agent.config import UniqueKeyLoader
 from proxy.authn.principal import Principal
 from proxy.authz.paths import PathRejected
 from proxy.authz.store import PolicyLoadError, PolicySnapshot, decide_principal, load_snapshot
-from proxy.gate import sql_decision, sql_from_query
+from proxy.gate import authorize_sql_tables
 
 __all__ = [
     "Explanation",
@@ -117,18 +117,11 @@ def explain_request(
     decision = decide_principal(
         snapshot.engine, subject, roles, match.resource, match.action, domain
     )
-    route_decision = None
-    # As in Gate._authorize: a route allowed, whose SQL in the query is authorized per table.
-    source = match.route.sql
-    sql = None
-    if decision.allowed and source is not None and source.tables is not None:
-        sql = sql_from_query(match.path.query, source.param)
-        if sql is not None:
-            principal = Principal(
-                id=subject, issuer="policy explain", auth_method="anonymous", roles=tuple(roles)
-            )
-            route_decision = decision
-            decision = sql_decision(snapshot.engine, principal, match, source, source.tables, sql)
+    principal = Principal(
+        id=subject, issuer="policy explain", auth_method="anonymous", roles=tuple(roles)
+    )
+    route_decision = decision
+    decision, sql = authorize_sql_tables(snapshot.engine, principal, match, route_decision)
     return Explanation(
         method,
         target,
@@ -142,8 +135,8 @@ def explain_request(
         rule_source=decision.source,
         subjects=subjects,
         sql=sql,
-        route_rule=route_decision.rule if route_decision is not None else None,
-        route_rule_source=route_decision.source if route_decision is not None else None,
+        route_rule=route_decision.rule if sql is not None else None,
+        route_rule_source=route_decision.source if sql is not None else None,
     )
 
 

@@ -107,6 +107,22 @@ def sql_from_query(query: str | None, param: str) -> str | None:
     return values[0] if values else None
 
 
+def authorize_sql_tables(
+    engine: PolicyEngine, principal: Principal, match: RouteMatch, decision: Decision
+) -> tuple[Decision, str | None]:
+    """The decision on a routed request once the SQL in its query is authorized table by
+    table, where the route says how (`sql: {from: query, ..., tables: ...}`) and the route
+    itself allowed it; and that SQL (None when there was nothing to check). The gate and
+    `lineage-sidecar policy explain|test` both decide through this."""
+    source = match.route.sql
+    if not decision.allowed or source is None or source.tables is None:
+        return decision, None
+    sql = sql_from_query(match.path.query, source.param)
+    if sql is None:
+        return decision, None
+    return sql_decision(engine, principal, match, source, source.tables, sql), sql
+
+
 def sql_decision(
     engine: PolicyEngine,
     principal: Principal,
@@ -409,13 +425,8 @@ class Gate:
             decision = _NO_ROUTE
         else:
             decision = memo.decide(principal, match.resource, match.action)
-            source = match.route.sql
-            if decision.allowed and source is not None and source.tables is not None:
-                sql = sql_from_query(match.path.query, source.param)
-                if sql is not None:
-                    decision = sql_decision(
-                        memo.snapshot.engine, principal, match, source, source.tables, sql
-                    )
+            if match.route.sql is not None:  # most routes carry no SQL: no call for them
+                decision, _ = authorize_sql_tables(memo.snapshot.engine, principal, match, decision)
         allowed = decision.allowed
         # Built once, with every field, by position (Admission's field order): setting a
         # Struct's fields one by one, or matching keywords, costs more.
