@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -25,24 +24,6 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 class ProcessFailed(RuntimeError):
     """A server did not start or stopped early; the message carries its log tail."""
-
-
-_ports_handed_out: set[int] = set()
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1, chosen by the kernel, never the same one twice.
-
-    The port is closed again before the server binds it (nginx cannot take a socket), so
-    the kernel could offer it again to the next call; remembering them rules that out.
-    """
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.bind(("127.0.0.1", 0))
-            port: int = probe.getsockname()[1]
-        if port not in _ports_handed_out:
-            _ports_handed_out.add(port)
-            return port
 
 
 def pinned(argv: Sequence[str], cpu: int | None) -> list[str]:

@@ -33,8 +33,9 @@ from benchmarks._modes import (
 )
 from benchmarks._nginx import UPSTREAM_BODY, NginxInstance, render
 from benchmarks._probe import TargetFailed, Verification, check_answer, http_get
-from benchmarks._procs import ManagedProcess, ProcessFailed, free_port, pinned, wait_until
+from benchmarks._procs import ManagedProcess, ProcessFailed, pinned, wait_until
 from benchmarks._tls import TestPki
+from lineage_sidecar.ports import free_port
 
 REQUEST_PATH = "/"
 START_TIMEOUT_S = 30.0

@@ -32,7 +32,7 @@ import msgspec
 from benchmarks._machine import ToolMissing, ensure_tools, loadavg, machine_info
 from benchmarks._nginx import UPSTREAM_BODY, NginxInstance, start_upstream
 from benchmarks._probe import TargetFailed, Verification
-from benchmarks._procs import core_times, cpu_seconds, free_port, peak_rss_kib
+from benchmarks._procs import core_times, cpu_seconds, peak_rss_kib
 from benchmarks._report import (
     RoundResult,
     TargetSummary,
@@ -52,6 +52,7 @@ from benchmarks._targets import (
 )
 from benchmarks._tls import make_test_pki
 from benchmarks._wrk import WrkReportError, parse_wrk_report, run_wrk, wrk_argv
+from lineage_sidecar.ports import free_port
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

@@ -39,7 +39,6 @@ import msgspec
 from benchmarks._machine import ToolMissing, ensure_tools, machine_info
 from benchmarks._nginx import start_upstream
 from benchmarks._probe import TargetFailed
-from benchmarks._procs import free_port
 from benchmarks._targets import (
     BenchContext,
     Placement,
@@ -50,6 +49,7 @@ from benchmarks._targets import (
 )
 from benchmarks._tls import make_test_pki
 from benchmarks._wrk import parse_wrk_report, run_wrk, wrk_argv
+from lineage_sidecar.ports import free_port
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_TARGETS = (

@@ -44,6 +44,7 @@ from agent.config import AgentProcessConfig
 from agent.events import InputDataset, Job, LineageEvent, OutputDataset, Run, RunEvent
 from agent.store.writer import StoreWriter
 from lineage_sidecar.config import Config, from_mapping, parse_listen, read_mapping
+from lineage_sidecar.ports import free_port
 from proxy.supervisor import Proxy, configure_logging
 
 SAMPLE_ROWS: dict[str, tuple[str, list[tuple[object, ...]]]] = {
@@ -79,13 +80,6 @@ def make_sample_database(path: Path) -> None:
             marks = ",".join("?" * len(rows[0]))
             db.executemany(f"INSERT INTO {table} VALUES ({marks})", rows)  # noqa: S608
         db.commit()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def start_datasette(database: Path, port: int, log_path: Path) -> subprocess.Popen[bytes]:

@@ -17,7 +17,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -28,6 +27,8 @@ from typing import Any
 
 import hvac
 import pytest
+
+from lineage_sidecar.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VAULT_SCRIPT = REPO_ROOT / "scripts" / "vault"
@@ -53,22 +54,6 @@ def server_binary() -> Path:
             pytrace=False,
         )
     return Path(found.stdout.strip())
-
-
-def free_port_pair() -> int:
-    """A loopback port P with P+1 also free: dev mode puts its cluster listener on P+1."""
-    while True:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port: int = probe.getsockname()[1]
-        if port >= 65535:
-            continue
-        with socket.socket() as neighbour:
-            try:
-                neighbour.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
 
 
 @dataclass
@@ -112,7 +97,7 @@ def start_dev_server(binary: Path, directory: Path) -> DevServer:
     """Start a dev server on fresh ports with Transit enabled; retry if a port was taken."""
     directory.mkdir(parents=True, exist_ok=True)
     for attempt in range(5):
-        port = free_port_pair()
+        port = free_port(span=2)  # dev mode puts its cluster listener on port + 1
         log = directory / f"server-{attempt}.log"
         token = f"root-{secrets.token_hex(8)}"
         command = [

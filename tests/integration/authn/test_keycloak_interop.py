@@ -31,13 +31,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.proxy.conftest import (
-    REPO,
-    RunningProxy,
-    free_port,
-    run_proxy,
-    running_echo_upstream,
-)
+from lineage_sidecar.ports import free_port
+from tests.integration.proxy.conftest import REPO, RunningProxy, run_proxy, running_echo_upstream
 from tests.integration.proxy.rawhttp import Reply, get
 
 pytestmark = [

@@ -13,9 +13,10 @@ import pytest
 
 from benchmarks._nginx import UPSTREAM_BODY
 from benchmarks._probe import TargetFailed
-from benchmarks._procs import ManagedProcess, free_port, peak_rss_kib, process_tree
+from benchmarks._procs import ManagedProcess, peak_rss_kib, process_tree
 from benchmarks._targets import BenchContext, Target, verify
 from benchmarks._tls import make_test_pki
+from lineage_sidecar.ports import free_port
 
 
 def _alive(pid: int) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import ssl
 import subprocess
 import sys
@@ -25,18 +24,12 @@ import pytest
 import yaml
 
 from lineage_sidecar.demo import make_sample_database, stop_process
+from lineage_sidecar.ports import free_port
 from proxy.tls import generate_dev_pair
 from tests.integration.proxy.rawhttp import get
 
 REPO = Path(__file__).resolve().parents[3]
 CLI = str(Path(sys.executable).with_name("lineage-sidecar"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_for_readyz(admin_port: int, status: int, *needles: str) -> str:

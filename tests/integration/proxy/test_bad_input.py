@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.proxy.conftest import RunningProxy, free_port, run_proxy
+from lineage_sidecar.ports import free_port
+from tests.integration.proxy.conftest import RunningProxy, run_proxy
 from tests.integration.proxy.rawhttp import exchange, get
 
 

@@ -15,6 +15,7 @@ from urllib.parse import urlencode, urljoin, urlsplit
 
 import pytest
 
+from lineage_sidecar.ports import free_port
 from tests.integration.authn.oidc.authserver import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -24,7 +25,7 @@ from tests.integration.authn.oidc.authserver import (
 )
 from tests.integration.authn.saml.idp import IdentityProvider as SamlIdentityProvider
 from tests.integration.authn.saml.idp import make_keypair, post_body
-from tests.integration.proxy.conftest import RunningProxy, free_port, run_proxy
+from tests.integration.proxy.conftest import RunningProxy, run_proxy
 
 IDP_ENTITY = "https://idp.test/idp"
 

@@ -13,8 +13,9 @@ import bcrypt
 import pytest
 import yaml
 
+from lineage_sidecar.ports import free_port
 from proxy.audit import verify
-from tests.integration.proxy.conftest import RunningProxy, free_port, run_proxy
+from tests.integration.proxy.conftest import RunningProxy, run_proxy
 from tests.integration.proxy.rawhttp import Reply, exchange
 from tests.integration.proxy.test_gate import MODEL, POLICY, ROUTES
 

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.proxy.conftest import free_port, run_proxy, wait_for_readyz
+from lineage_sidecar.ports import free_port
+from tests.integration.proxy.conftest import run_proxy, wait_for_readyz
 from tests.integration.proxy.rawhttp import get
 
 PASSWORD = "probe-secret-7f3a"
