@@ -286,6 +286,8 @@ class LineageAgent:
         self.batches_sent = 0
         self.events_sent = 0
         self.send_failures = 0
+        # Sends that failed in a row, and the last error; (0, "") while sends go through.
+        self._sink_failing: tuple[int, str] = (0, "")
         self.commits = 0
         self.lag_bytes = 0
 
@@ -329,10 +331,15 @@ class LineageAgent:
 
     def readiness(self) -> list[str]:
         """Reasons the agent is not fully working, empty when it is."""
-        return [
+        reasons = [
             f"spool {name} stopped: {reason}"
             for name, reason in sorted(self._stopped_spools.items())
         ]
+        failures, error = self._sink_failing
+        if failures:
+            # Lineage is not leaving this host: records wait in the spool until it does.
+            reasons.append(f"sink failing ({failures} attempts in a row): {error}")
+        return reasons
 
     def stop(self) -> None:
         """Ask the loop to finish: send what was derived, commit, return."""
@@ -527,6 +534,10 @@ class LineageAgent:
                 await self._sink.send(batch)
             except (SinkError, StoreError, KeyProviderError, OSError) as exc:
                 self.send_failures += 1
+                self._sink_failing = (
+                    self._sink_failing[0] + 1,
+                    str(exc) or type(exc).__name__,
+                )
                 log.warning(
                     "sending %d events failed (retrying in %.1fs): %s",
                     len(batch.events),
@@ -543,6 +554,7 @@ class LineageAgent:
                     return False
                 delay = min(delay * 2, self._config.retry_max)
                 continue
+            self._sink_failing = (0, "")
             if batch.events:
                 self.batches_sent += 1
                 self.events_sent += len(batch.events)

@@ -516,10 +516,11 @@ class Forwarder:
                 raise ClientError(
                     413, "body_too_large", f"the request body is larger than {limit} bytes"
                 )
-            if chunked:
-                await conn.write_body(b"%x\r\n%b\r\n" % (len(data), data), self._read_timeout)
-            else:
-                await conn.write_body(data, self._read_timeout)
+            piece = b"%x\r\n%b\r\n" % (len(data), data) if chunked else data
+            if not await conn.write_body(piece, self._read_timeout):
+                # The upstream answered early: the rest of the body is not read, and the
+                # server discards it after the answer (aiohttp's lingering close).
+                return
         if chunked:
             await conn.write_body(b"0\r\n\r\n", self._read_timeout)
 

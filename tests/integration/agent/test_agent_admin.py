@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 import yaml
 
@@ -32,6 +33,7 @@ from tests.integration.agent.harness import (
     start_process,
     stored_event_count,
     wait_for,
+    wait_for_events,
     write_spool,
 )
 from tests.services import REPO_ROOT
@@ -133,6 +135,71 @@ async def test_the_agent_reports_health_readiness_and_metrics(
     host, port = admin.removeprefix("http://").rsplit(":", 1)
     with pytest.raises(ConnectionRefusedError), socket.create_connection((host, int(port)), 5):
         pass
+
+
+async def execute(dsn: str, statement: str) -> None:
+    connection = await asyncpg.connect(dsn)
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+async def test_a_sink_that_keeps_failing_turns_readyz_to_503_until_a_send_goes_through(
+    tmp_path: Path, store_dsn: str, marker: str
+) -> None:
+    # PostgreSQL itself refuses every run event (a constraint no row meets) until the
+    # constraint goes: what an operator sees meanwhile is a 503 naming the sink.
+    refuse = "ALTER TABLE events_raw ADD CONSTRAINT refuse_all CHECK (false) NOT VALID"
+    allow = "ALTER TABLE events_raw DROP CONSTRAINT IF EXISTS refuse_all"
+    records = etl_records(marker, runs=2, per_run=8)
+    expected = len(reference_events(records))
+    spool = tmp_path / "spool"
+    write_spool(spool / "w0", records)
+    config = write_config(tmp_path / "agent.yaml", spool, store_dsn, "127.0.0.1:0")
+    log = tmp_path / "agent.log"
+    await execute(store_dsn, refuse)
+    process = start_agent(config, log)
+    try:
+        admin = await logged_admin_url(process, log, "agent")
+        async with aiohttp.ClientSession() as session:
+
+            async def readiness() -> tuple[int, dict[str, Any]]:
+                status, body = await http_get(session, f"{admin}/readyz")
+                return status, json.loads(body)
+
+            async def failing_twice() -> bool:
+                status, body = await readiness()
+                return status == 503 and any(
+                    r.startswith("sink failing (") and "attempts in a row" in r
+                    and int(r.split("(")[1].split()[0]) >= 2
+                    for r in body["reasons"]
+                )  # fmt: skip
+
+            await wait_for(failing_twice, what="/readyz naming the failing sink")
+            status, body = await readiness()
+            assert status == 503
+            [reason] = body["reasons"]
+            assert "refuse_all" in reason, reason
+            _, text = await http_get(session, f"{admin}/metrics")
+            assert metric_samples(text)["lineage_agent_send_failures_total"] >= 2
+            assert await stored_event_count(store_dsn) == 0
+
+            await execute(store_dsn, allow)
+
+            async def ready() -> bool:
+                return (await readiness())[0] == 200
+
+            await wait_for(ready, what="/readyz ready again once a send went through")
+            assert await readiness() == (200, {"ready": True, "reasons": []})
+            await wait_for_events(store_dsn, expected)
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 30) == 0, log.read_text()[-3000:]
+    finally:
+        await execute(store_dsn, allow)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 COMMANDS = {

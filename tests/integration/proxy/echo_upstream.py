@@ -23,6 +23,9 @@ Special paths:
   /__status?code=C  answer with the status line `HTTP/1.1 C Odd` (C as given) and a 2-byte body
   /__no_read        stop reading the connection once the headers are in; never answer
                     (logged at that point with "stalled": true)
+  /__answer_early?code=C
+                    once the headers are in, answer with status C and a JSON body, and stop
+                    reading the connection (a server refusing a body it will not take)
 """
 
 from __future__ import annotations
@@ -98,10 +101,17 @@ class EchoProtocol(asyncio.Protocol):
         assert self.current is not None
         self.current["method"] = self.parser.get_method().decode("latin-1")
         self.current["version"] = self.parser.get_http_version()
-        if urlsplit(self.current["target"]).path == "/__no_read":
+        parts = urlsplit(self.current["target"])
+        if parts.path == "/__no_read":
             assert self.transport is not None
             self.transport.pause_reading()
             LOG.append({**self.current, "stalled": True})
+        elif parts.path == "/__answer_early":
+            assert self.transport is not None
+            self.transport.pause_reading()
+            LOG.append({**self.current, "answered_early": True})
+            code = int(parse_qs(parts.query)["code"][0])
+            self.send(code, json.dumps({"early": code}).encode())
 
     def on_body(self, body: bytes) -> None:
         assert self.current is not None

@@ -44,15 +44,16 @@ def wait_until_upstream_has(upstream: str, target: str) -> None:
 class BodyPusher(threading.Thread):
     """Sends `size` body bytes until done or the connection ends, counting what it sent."""
 
-    def __init__(self, sock: socket.socket, size: int) -> None:
+    def __init__(self, sock: socket.socket, size: int, block: bytes = b"x" * 65536) -> None:
         super().__init__(daemon=True)
         self.sock = sock
         self.size = size
+        self.block = block
         self.sent = 0
         self.start()
 
     def run(self) -> None:
-        block = b"x" * 65536
+        block = self.block
         try:
             while self.sent < self.size:
                 self.sent += self.sock.send(block[: self.size - self.sent])
@@ -97,6 +98,38 @@ def test_upstream_that_stops_reading_the_body_gives_504_then_serves_again(
     after = get(one_connection_proxy.port, "/after-stalled-body")
     assert after.status == 200
     assert after.json()["target"] == "/after-stalled-body"
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_an_upstream_that_answers_before_taking_the_body_has_its_answer_passed_on(
+    one_connection_proxy: RunningProxy, echo_upstream: str, chunked: bool
+) -> None:
+    # A server refusing an upload (413) answers at once and stops reading; the client must
+    # get that answer, not a 504 once the proxy's writes stall (the read timeout is 1 s).
+    target = f"/__answer_early?code=413&{uuid.uuid4().hex}"
+    framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % BIG_BODY
+    with socket.create_connection(("127.0.0.1", one_connection_proxy.port)) as sock:
+        sock.settimeout(PATIENCE)
+        sock.sendall(b"POST %b HTTP/1.1\r\nHost: a\r\n%b\r\n\r\n" % (target.encode(), framing))
+        if chunked:
+            block = b"10000\r\n" + b"x" * 65536 + b"\r\n"
+            sender = BodyPusher(sock, BIG_BODY, block)
+        else:
+            sender = BodyPusher(sock, BIG_BODY)
+        reply = read_reply(sock)
+        # The upstream's own answer, not the proxy's 504 once its writes stalled.
+        assert (reply.status, reply.json()) == (413, {"early": 413})
+        assert reply.header("X-Upstream") == "echo"
+        sock.shutdown(socket.SHUT_RDWR)
+    sender.join(PATIENCE)
+    # The body went out cut short, so that upstream connection is closed, not pooled: the
+    # next request (the pool holds one connection) comes on a new one, and is served.
+    after = get(one_connection_proxy.port, "/after-early-answer")
+    assert after.status == 200
+    early = [e for e in upstream_log(echo_upstream) if e.get("target") == target]
+    assert early
+    assert early[0]["answered_early"]
+    assert after.json()["connection"] != early[0]["connection"]
 
 
 def test_client_that_hangs_up_while_the_upstream_stalls_on_its_body_frees_the_connection(
