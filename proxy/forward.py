@@ -87,6 +87,8 @@ RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
 
 # Set on requests whose request line named an HTTP version other than 1.0 or 1.1.
 UNSUPPORTED_VERSION = "lineage_sidecar.unsupported_version"
+# The answer to any request target other than a path (absolute-form, authority-form, "*").
+ORIGIN_FORM_ONLY = "only origin-form request targets (/path) are accepted"
 
 # Status recorded for a request whose client left before its answer (nginx's 499).
 CLIENT_CLOSED = 499
@@ -249,9 +251,7 @@ class Forwarder:
         if target is None:
             target = request.raw_path
         if not target.startswith("/"):
-            raise ClientError(
-                400, "bad_request_target", "only origin-form request targets (/path) are accepted"
-            )
+            raise ClientError(400, "bad_request_target", ORIGIN_FORM_ONLY)
         if not target.isascii():
             raise ClientError(400, "bad_request_target", "the request target must be ASCII")
         raw_headers = request.raw_headers

@@ -26,7 +26,7 @@ import asyncpg
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import HttpVersion10, HttpVersion11, RawRequestMessage
-from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.http_exceptions import BadHttpMessage, InvalidURLError, LineTooLong
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 from redis.asyncio import Redis
@@ -65,7 +65,13 @@ from proxy.authn.sessions import (
 from proxy.authz.admin import DEFAULT_CHANNEL as POLICY_CHANNEL
 from proxy.authz.admin import admin_api
 from proxy.authz.store import PolicyLoadError, PolicyStore
-from proxy.forward import UNSUPPORTED_VERSION, ErrorBody, Forwarder, encode_error
+from proxy.forward import (
+    ORIGIN_FORM_ONLY,
+    UNSUPPORTED_VERSION,
+    ErrorBody,
+    Forwarder,
+    encode_error,
+)
 from proxy.gate import Gate
 from proxy.internal import InternalBackend
 from proxy.lineageapi import api_application
@@ -191,9 +197,13 @@ class ProxyRequestHandler(RequestHandler):
         ):
             status, error = 431, "headers_too_large"
             text = "request header fields are too large"
+        elif isinstance(exc, InvalidURLError):
+            # aiohttp's message is the target itself ("*" for `GET *`): say what is wrong.
+            status, error = 400, "bad_request_target"
+            text = ORIGIN_FORM_ONLY
         elif isinstance(exc, BadHttpMessage):
             status, error = 400, "bad_request"
-            text = exc.message if isinstance(exc.message, str) else "malformed request"
+            text = parser_complaint(exc.message)
         elif status >= 500:
             log.error("error handling request", exc_info=exc)
             return super().handle_error(request, status, exc, message)
@@ -211,6 +221,15 @@ class ProxyRequestHandler(RequestHandler):
         )
         response.force_close()
         return response
+
+
+def parser_complaint(message: object) -> str:
+    """aiohttp's parser error as one line: llhttp's messages go on with a copy of the
+    offending bytes and a caret under them, which stop at the first blank line."""
+    if not isinstance(message, str) or not message.strip():
+        return "malformed request"
+    complaint = " ".join(message.split("\n\n", 1)[0].split()).rstrip(": ")
+    return complaint or "malformed request"
 
 
 class ProxyServer(web.Server):

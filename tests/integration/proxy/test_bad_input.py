@@ -103,10 +103,36 @@ def test_bad_request_is_refused_and_never_forwarded(plain_proxy: RunningProxy, c
     reply = exchange(plain_proxy.port, raw)
     assert reply.status in statuses, (reply.status, reply.body)
     if reply.body:
-        assert "error" in json.loads(reply.body)
+        answer = json.loads(reply.body)
+        assert "error" in answer
+        # One line saying what is wrong, never llhttp's copy of the bytes with a caret.
+        assert "\n" not in answer["message"]
+        assert answer["message"].strip()
     # Nothing reached the upstream: not the request, not a smuggled second one.
     assert len(upstream_log(plain_proxy)) == seen_before
     assert get(plain_proxy.port, "/still-serving").status == 200
+
+
+TARGETS_NOT_A_PATH = {
+    "asterisk": b"GET * HTTP/1.1",
+    "asterisk-options": b"OPTIONS * HTTP/1.1",
+    "bare-word": b"GET a HTTP/1.1",
+    "absolute-form": b"GET http://evil.test/admin HTTP/1.1",
+    "authority-form": b"CONNECT evil.test:443 HTTP/1.1",
+}
+
+
+@pytest.mark.parametrize("case", sorted(TARGETS_NOT_A_PATH))
+def test_a_target_that_is_not_a_path_is_refused_saying_so(
+    plain_proxy: RunningProxy, case: str
+) -> None:
+    # Whichever parser or stage refuses it, the client reads the same reason (aiohttp's own
+    # message for `GET *` was just "*").
+    reply = exchange(plain_proxy.port, TARGETS_NOT_A_PATH[case] + b"\r\nHost: a\r\n\r\n")
+    assert reply.status == 400
+    answer = reply.json()
+    assert answer["error"] == "bad_request_target"
+    assert answer["message"] == "only origin-form request targets (/path) are accepted"
 
 
 def test_client_gone_mid_body_never_returns_a_half_written_connection(
