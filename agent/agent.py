@@ -61,6 +61,7 @@ import msgspec
 
 from agent.admin import AdminListener, bind_admin, run_until_signalled
 from agent.batch import SEAL_OVERHEAD_BYTES, BatchBuilder, EventBatch, EventTooLargeError
+from agent.capture import CaptureRecord
 from agent.config import AgentProcessConfig
 from agent.derive import DeriveConfig, Deriver
 from agent.events import LineageEvent, encode
@@ -444,6 +445,17 @@ class LineageAgent:
             # are pending: they are delivered and committed like any others.
             self._stop_spool(tail.name, exc)
             return 0
+        if records:
+            # Off the event loop: one read may hold thousands of records, and parsing a
+            # large SQL text takes up to seconds. On the loop, that time would stall the
+            # admin listener (a liveness probe then kills the agent, which restarts on the
+            # same records) and the sink's connections. Nothing else touches the deriver
+            # or the batch while this runs: the loop waits for it.
+            await asyncio.to_thread(self._derive, tail, records)
+        self.records_read += len(records)
+        return len(records)
+
+    def _derive(self, tail: _Tail, records: Sequence[tuple[SpoolPosition, CaptureRecord]]) -> None:
         for position, record in records:
             tail.pending = position
             if tail.skip_until is not None:
@@ -460,8 +472,6 @@ class LineageAgent:
                 log.exception("could not derive lineage from request %s", record.request_id)
                 continue
             self._add_events(events)
-        self.records_read += len(records)
-        return len(records)
 
     def _add_events(self, events: Sequence[LineageEvent]) -> None:
         for event in events:
