@@ -310,3 +310,33 @@ def test_keep_alive_connection_outlives_the_header_timeout_between_requests(
         second = read_reply(sock)
         assert second.status == 200
         assert second.json()["target"] == "/second"
+
+
+def test_slow_head_after_a_kept_alive_request_is_answered_408_and_closed(
+    header_timeout_proxy: RunningProxy,
+) -> None:
+    # One quick request first, then the next head a byte at a time: the deadline holds
+    # for every request head, not only a new connection's first.
+    with socket.create_connection(("127.0.0.1", header_timeout_proxy.port)) as sock:
+        sock.settimeout(PATIENCE)
+        sock.sendall(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert read_reply(sock).json()["target"] == "/first"
+        sock.sendall(b"GET /second HTTP/1.1\r\nHost: a\r\nX-Slow: ")
+        stop = threading.Event()
+
+        def trickle() -> None:
+            try:
+                while not stop.wait(0.2):
+                    sock.send(b"x")
+            except OSError:
+                pass
+
+        sender = threading.Thread(target=trickle, daemon=True)
+        sender.start()
+        try:
+            received = read_until_closed(sock)
+        finally:
+            stop.set()
+            sender.join(PATIENCE)
+    assert received.startswith(b"HTTP/1.1 408 ")
+    assert b'"error":"request_header_timeout"' in received
