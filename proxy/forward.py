@@ -384,6 +384,7 @@ class Forwarder:
         finally:
             elapsed = time.perf_counter() - started
             self._metrics.count_response(status, elapsed)
+            waiting = None
             if self._tap is not None:
                 waiting = self._tap.record(
                     request,
@@ -396,8 +397,6 @@ class Forwarder:
                     admission=exchange.admission,
                     body_excerpt=bytes(exchange.excerpt) if exchange.excerpt else None,
                 )
-                if waiting is not None:
-                    await self._tap.append_wait(waiting)
             if self._access_log is not None:
                 self._access_log.record(
                     (
@@ -405,6 +404,11 @@ class Forwarder:
                         status, exchange.bytes_out, elapsed, request.headers.get("User-Agent"),
                     )
                 )  # fmt: skip
+            if waiting is not None:
+                # Last: a client that hangs up while its record waits for room in the spool
+                # cancels this await, and nothing after it would run.
+                assert self._tap is not None
+                await self._tap.append_wait(waiting)
 
     @staticmethod
     def _error(
