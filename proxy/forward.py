@@ -163,6 +163,8 @@ class Exchange:
     bytes_in: int = 0
     # Body bytes sent to the client (framing and headers not counted).
     bytes_out: int = 0
+    # The client went away mid-response, noticed on a write rather than by cancellation.
+    client_closed: bool = False
     excerpt: bytearray | None = None
 
 
@@ -360,7 +362,7 @@ class Forwarder:
         exchange = Exchange()
         try:
             response = await self._forward(request, request_id, exchange)
-            status = response.status
+            status = CLIENT_CLOSED if exchange.client_closed else response.status
             return response
         except Refusal as exc:
             status = exc.status
@@ -608,9 +610,18 @@ class Forwarder:
                 request.transport.abort()
             pool.release(conn, reusable=False)
             return response
+        except ConnectionError:
+            # The client reset the connection and a write found it closing before the
+            # server cancelled this handler: the same hang-up, not a server error.
+            exchange.client_closed = True
+            pool.release(conn, reusable=False)
+            return response
         finally:
             # Also when the client went away mid-body: what it was sent so far.
             exchange.bytes_out = sent
-        await response.write_eof()
+        try:
+            await response.write_eof()
+        except ConnectionError:
+            exchange.client_closed = True
         pool.release(conn, reusable=True)
         return response
