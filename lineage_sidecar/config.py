@@ -146,9 +146,10 @@ class TimeoutsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     request_header: Annotated[
         Seconds,
         _doc(
-            "A new client connection that has not delivered a complete request head within "
-            "this long is answered 408 and closed (slowloris; seconds). Later requests on a "
-            "kept-alive connection are bounded by aiohttp's keep-alive timeout (75 s)."
+            "A client connection that has not delivered a complete request head within this "
+            "long of opening, or of the first byte of a later request on a kept-alive "
+            "connection, is answered 408 and closed (slowloris; seconds). A kept-alive "
+            "connection idle between requests is closed after 75 s."
         ),
     ] = 20.0
     client_write: Annotated[

@@ -163,6 +163,8 @@ class Exchange:
     bytes_in: int = 0
     # Body bytes sent to the client (framing and headers not counted).
     bytes_out: int = 0
+    # The client went away mid-response, noticed on a write rather than by cancellation.
+    client_closed: bool = False
     excerpt: bytearray | None = None
 
 
@@ -360,7 +362,7 @@ class Forwarder:
         exchange = Exchange()
         try:
             response = await self._forward(request, request_id, exchange)
-            status = response.status
+            status = CLIENT_CLOSED if exchange.client_closed else response.status
             return response
         except Refusal as exc:
             status = exc.status
@@ -384,6 +386,7 @@ class Forwarder:
         finally:
             elapsed = time.perf_counter() - started
             self._metrics.count_response(status, elapsed)
+            waiting = None
             if self._tap is not None:
                 waiting = self._tap.record(
                     request,
@@ -396,8 +399,6 @@ class Forwarder:
                     admission=exchange.admission,
                     body_excerpt=bytes(exchange.excerpt) if exchange.excerpt else None,
                 )
-                if waiting is not None:
-                    await self._tap.append_wait(waiting)
             if self._access_log is not None:
                 self._access_log.record(
                     (
@@ -405,6 +406,11 @@ class Forwarder:
                         status, exchange.bytes_out, elapsed, request.headers.get("User-Agent"),
                     )
                 )  # fmt: skip
+            if waiting is not None:
+                # Last: a client that hangs up while its record waits for room in the spool
+                # cancels this await, and nothing after it would run.
+                assert self._tap is not None
+                await self._tap.append_wait(waiting)
 
     @staticmethod
     def _error(
@@ -604,9 +610,18 @@ class Forwarder:
                 request.transport.abort()
             pool.release(conn, reusable=False)
             return response
+        except ConnectionError:
+            # The client reset the connection and a write found it closing before the
+            # server cancelled this handler: the same hang-up, not a server error.
+            exchange.client_closed = True
+            pool.release(conn, reusable=False)
+            return response
         finally:
             # Also when the client went away mid-body: what it was sent so far.
             exchange.bytes_out = sent
-        await response.write_eof()
+        try:
+            await response.write_eof()
+        except ConnectionError:
+            exchange.client_closed = True
         pool.release(conn, reusable=True)
         return response

@@ -86,6 +86,9 @@ METRICS_INTERVAL_S = 0.5
 # How often a worker PINGs Redis for /readyz, and how long it waits for the answer.
 REDIS_PROBE_INTERVAL_S = 1.0
 REDIS_PROBE_TIMEOUT_S = 0.5
+# An idle kept-alive client connection is closed after this long (nginx's default; the
+# aiohttp default is an hour).
+KEEPALIVE_TIMEOUT_S = 75.0
 
 
 def redis_client(config: RedisConfig) -> Redis:
@@ -139,12 +142,13 @@ class StartupError(Exception):
 
 class ProxyRequestHandler(RequestHandler):
     """aiohttp's connection handler with the proxy's error answers, connection gauge, and
-    a deadline for the first request head (aiohttp has none: a client sending one header
-    byte now and then would hold the connection for ever)."""
+    a deadline for each request head (aiohttp has none: a client sending one header byte
+    now and then would hold the connection for ever)."""
 
     metrics: ProxyMetrics | None = None
     header_timeout: float | None = None
-    # Armed when the connection opens; cancelled when its first request is handed over.
+    # Armed when the connection opens, and when a later request's first bytes arrive on a
+    # kept-alive connection; cancelled when that request's head is handed over.
     head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -152,6 +156,25 @@ class ProxyRequestHandler(RequestHandler):
         if self.metrics is not None:
             self.metrics.active_connections.inc()
         if self.header_timeout is not None:
+            loop = self._loop
+            self.head_timer = loop.call_at(
+                loop.time() + self.header_timeout, self._header_timed_out
+            )
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # Waiting for the next request and these bytes did not complete its head: a later
+        # request on a kept-alive connection has begun, and gets the same deadline as the
+        # first (nginx's client_header_timeout). Idle time before its first byte is the
+        # keep-alive timeout's to bound, not this one's.
+        waiter = self._waiter
+        if (
+            self.head_timer is None
+            and self.header_timeout is not None
+            and waiter is not None
+            and not waiter.done()
+            and not self._force_close
+        ):
             loop = self._loop
             self.head_timer = loop.call_at(
                 loop.time() + self.header_timeout, self._header_timed_out
@@ -169,7 +192,8 @@ class ProxyRequestHandler(RequestHandler):
         self.head_timer = None
         if self.transport is None:
             return
-        # No request has started on this connection, so the 408 cannot interleave with one.
+        # No request is being handled on this connection, so the 408 cannot interleave
+        # with an answer.
         body = encode_error(
             ErrorBody(
                 error="request_header_timeout",
@@ -250,7 +274,7 @@ class ProxyServer(web.Server):
         writer: AbstractStreamWriter,
         task: asyncio.Task[None],
     ) -> web.BaseRequest:
-        # A request head arrived: the connection's head deadline is met.
+        # A request head arrived: its deadline is met.
         handler = cast(ProxyRequestHandler, protocol)
         if handler.head_timer is not None:
             handler.head_timer.cancel()
@@ -382,6 +406,7 @@ class ProxyWorker:
             max_field_size=limits.max_header_bytes,
             max_headers=limits.max_headers,
             header_timeout=proxy.timeouts.request_header,
+            keepalive_timeout=KEEPALIVE_TIMEOUT_S,
             access_log=None,
             # A client that hangs up ends its exchange at once, as nginx and Envoy do:
             # aiohttp would otherwise let the handler run on, holding an upstream

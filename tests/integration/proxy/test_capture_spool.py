@@ -5,11 +5,14 @@ why. Nothing disappears uncounted."""
 from __future__ import annotations
 
 import http.client
+import json
+import select
+import socket
 import time
 from pathlib import Path
 
 from tests.integration.proxy.conftest import run_proxy
-from tests.integration.proxy.rawhttp import get
+from tests.integration.proxy.rawhttp import get, read_reply
 
 SPOOL_BYTES = 4 << 20  # the smallest spool the configuration allows
 TRACE_STATE = "vendor=" + "x" * 6000  # each record carries it: about 6 KB a record
@@ -65,3 +68,44 @@ def test_a_full_spool_drops_counts_and_says_so(echo_upstream: str, tmp_path: Pat
         assert samples['lineage_sidecar_capture_records_total{result="dropped_oversize"}'] == 0
     log = proxy.log.read_text()
     assert "dropping capture records (fail_open)" in log
+
+
+def test_a_client_that_hangs_up_while_its_record_waits_for_room_is_still_in_the_access_log(
+    echo_upstream: str, tmp_path: Path
+) -> None:
+    # `when_full: block`: once the spool is full, a request waits for room before it is
+    # answered. Its client hanging up cancels the handler there; the request happened all
+    # the same (the upstream answered it), so the access log has its line.
+    extra = {
+        "capture": {
+            "spool_dir": str(tmp_path / "spool"),
+            "max_bytes": SPOOL_BYTES,
+            "when_full": "block",
+        }
+    }
+    blocked = "lineage_sidecar_capture_blocked_total"
+    hung_up = None
+    with run_proxy(tmp_path, echo_upstream, extra=extra) as proxy:
+        deadline = time.monotonic() + 120  # a safety net: about 700 requests fill it
+        for n in range(4 * SPOOL_BYTES // len(TRACE_STATE)):
+            target = f"/fill-{n}"
+            sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+            sock.sendall(
+                f"GET {target} HTTP/1.1\r\nHost: a\r\ntracestate: {TRACE_STATE}\r\n"
+                "Connection: close\r\n\r\n".encode()
+            )
+            # Answered, or held back waiting for room (which /metrics counts).
+            while not select.select([sock], [], [], 0.2)[0]:
+                if _samples(proxy.admin_port).get(blocked, 0) > 0:
+                    hung_up = target
+                    break
+                assert time.monotonic() < deadline
+            if hung_up is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+                sock.close()  # the client hangs up
+                break
+            with sock:
+                assert read_reply(sock).status == 200
+        assert hung_up is not None
+    lines = [json.loads(line) for line in (tmp_path / "access.log").read_text().splitlines()]
+    assert hung_up in {line["path"] for line in lines}

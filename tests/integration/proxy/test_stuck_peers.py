@@ -4,7 +4,9 @@ question, and the proxy goes on serving everyone else with the connections it ha
 
 from __future__ import annotations
 
+import json
 import socket
+import struct
 import threading
 import time
 import uuid
@@ -310,3 +312,57 @@ def test_keep_alive_connection_outlives_the_header_timeout_between_requests(
         second = read_reply(sock)
         assert second.status == 200
         assert second.json()["target"] == "/second"
+
+
+def test_slow_head_after_a_kept_alive_request_is_answered_408_and_closed(
+    header_timeout_proxy: RunningProxy,
+) -> None:
+    # One quick request first, then the next head a byte at a time: the deadline holds
+    # for every request head, not only a new connection's first.
+    with socket.create_connection(("127.0.0.1", header_timeout_proxy.port)) as sock:
+        sock.settimeout(PATIENCE)
+        sock.sendall(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert read_reply(sock).json()["target"] == "/first"
+        sock.sendall(b"GET /second HTTP/1.1\r\nHost: a\r\nX-Slow: ")
+        stop = threading.Event()
+
+        def trickle() -> None:
+            try:
+                while not stop.wait(0.2):
+                    sock.send(b"x")
+            except OSError:
+                pass
+
+        sender = threading.Thread(target=trickle, daemon=True)
+        sender.start()
+        try:
+            received = read_until_closed(sock)
+        finally:
+            stop.set()
+            sender.join(PATIENCE)
+    assert received.startswith(b"HTTP/1.1 408 ")
+    assert b'"error":"request_header_timeout"' in received
+
+
+def test_clients_that_reset_mid_download_are_recorded_499_without_an_error(
+    echo_upstream: str, tmp_path: Path
+) -> None:
+    # A reset the proxy notices on a write (the transport is closing before the server has
+    # cancelled the handler) is the same hang-up as one it notices on a read.
+    with run_proxy(tmp_path, echo_upstream) as proxy:
+        for n in range(20):
+            with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+                sock.settimeout(PATIENCE)
+                sock.sendall(b"GET /__big?bytes=200000000&reset=%d HTTP/1.1\r\nHost: a\r\n\r\n" % n)
+                received = 0
+                while received < 1 << 20:
+                    received += len(sock.recv(1 << 20))
+                # Close with unread data and no linger: a reset, as a killed client sends.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        after = get(proxy.port, "/after-resets")
+        assert after.status == 200
+    log = proxy.log.read_text()
+    assert "error handling request" not in log.lower()
+    lines = [json.loads(line) for line in (tmp_path / "access.log").read_text().splitlines()]
+    statuses = {line["status"] for line in lines if "reset=" in line["path"]}
+    assert statuses == {499}
