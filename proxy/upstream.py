@@ -209,11 +209,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.status = status
         self.keep_alive = self._parser.should_keep_alive()
         self.headers_done = True
-        # An answer before the whole request body was taken (a 413, a 401) ends the body:
-        # a body write waiting for room returns, and the sender sees `headers_done`.
-        drain = self._drain_waiter
-        if drain is not None and not drain.done():
-            drain.set_result(None)
         if self.head_request:
             # llhttp cannot be told the request was HEAD, so it would wait for a body
             # the upstream never sends: finish here and never reuse this connection.
@@ -236,6 +231,11 @@ class UpstreamConnection(asyncio.Protocol):
             return  # end of an interim response
         self.message_done = True
         self._wake()
+        # A whole answer before the whole request body was taken (a 413, a 401) ends the
+        # body: a body write waiting for room returns, and the sender sees `message_done`.
+        drain = self._drain_waiter
+        if drain is not None and not drain.done():
+            drain.set_result(None)
 
     # --- exchange -----------------------------------------------------------------------
     def _wake(self) -> None:
@@ -271,14 +271,15 @@ class UpstreamConnection(asyncio.Protocol):
     async def write_body(self, data: bytes, timeout: float) -> bool:
         """Write a piece of the request body, waiting while the upstream's socket is full.
 
-        Returns False, having written nothing more, once the upstream has answered: an
-        early answer (a 413, say) means it wants no more of the body, and its answer is
-        what the client gets (as nginx and Envoy do). The request then went out cut short,
-        so the connection is not reused. An upstream that accepts no body bytes for
-        `timeout` seconds without answering is a slow upstream: the connection is aborted
-        and the exchange ends with a 504.
+        Returns False, having written nothing more, once the upstream's whole answer is
+        in: an early answer (a 413, say) means it wants no more of the body, and its answer
+        is what the client gets (as Envoy does). The request then went out cut short, so
+        the connection is not reused. A response still coming (an upstream streaming its
+        answer while it reads the body) does not end the body. An upstream that accepts no
+        body bytes for `timeout` seconds is a slow upstream: the connection is aborted and
+        the exchange ends with a 504.
         """
-        if self.headers_done:
+        if self.message_done:
             self.keep_alive = False
             return False
         if self.closed or self.transport is None:
@@ -292,7 +293,7 @@ class UpstreamConnection(asyncio.Protocol):
                 async with asyncio.timeout(timeout):
                     await self._drain_waiter
             except ConnectionResetError:
-                if self.headers_done:
+                if self.message_done:
                     return False  # it answered, then closed: the answer stands
                 raise self._error or UpstreamError(
                     "closed", 502, "upstream closed the connection", before_response=True
@@ -305,7 +306,7 @@ class UpstreamConnection(asyncio.Protocol):
                 ) from None  # fmt: skip
             finally:
                 self._drain_waiter = None
-            if self.headers_done:
+            if self.message_done:
                 self.keep_alive = False
                 return False
         return True

@@ -23,6 +23,10 @@ Special paths:
   /__status?code=C  answer with the status line `HTTP/1.1 C Odd` (C as given) and a 2-byte body
   /__no_read        stop reading the connection once the headers are in; never answer
                     (logged at that point with "stalled": true)
+  /__answer_then_read
+                    once the headers are in, send a chunked 200 head and a first chunk
+                    ("started\n"), read the whole body, then end the answer with a chunk of
+                    JSON {"body_length": N} (an upstream streaming while it reads)
   /__answer_early?code=C
                     once the headers are in, answer with status C and a JSON body, and stop
                     reading the connection (a server refusing a body it will not take)
@@ -106,6 +110,11 @@ class EchoProtocol(asyncio.Protocol):
             assert self.transport is not None
             self.transport.pause_reading()
             LOG.append({**self.current, "stalled": True})
+        elif parts.path == "/__answer_then_read":
+            assert self.transport is not None
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n8\r\nstarted\n\r\n"
+            )
         elif parts.path == "/__answer_early":
             assert self.transport is not None
             self.transport.pause_reading()
@@ -204,6 +213,9 @@ class EchoProtocol(asyncio.Protocol):
                 b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                 b"Connection: Upgrade\r\n\r\n\x81\x05hello"
             )
+        elif path == "/__answer_then_read":
+            end = json.dumps({"body_length": request["body_length"]}).encode()
+            write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(end), end))
         elif path == "/__status":
             code = query["code"][0].encode()
             write(b"HTTP/1.1 %b Odd\r\nContent-Length: 2\r\n\r\nok" % code)

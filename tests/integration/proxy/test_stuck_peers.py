@@ -134,6 +134,31 @@ def test_an_upstream_that_answers_before_taking_the_body_has_its_answer_passed_o
     assert after.json()["connection"] != early[0]["connection"]
 
 
+def test_an_upstream_that_streams_its_answer_while_reading_gets_the_whole_body(
+    one_connection_proxy: RunningProxy, echo_upstream: str
+) -> None:
+    # Only a complete early answer ends the body: this upstream sends its head at once and
+    # finishes its answer only after reading every byte. Stopping the body at its head
+    # would leave it waiting, and the client with a cut answer.
+    size = 8 * 1024 * 1024  # more than the loopback buffers hold once the head is out
+    target = f"/__answer_then_read?{uuid.uuid4().hex}"
+    with socket.create_connection(("127.0.0.1", one_connection_proxy.port)) as sock:
+        sock.settimeout(PATIENCE)
+        sock.sendall(
+            b"POST %b HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % (target.encode(), size)
+        )
+        sender = BodyPusher(sock, size)
+        reply = read_reply(sock)
+        sender.join(PATIENCE)
+    assert reply.status == 200
+    first, last = reply.body.split(b"\n", 1)
+    assert first == b"started"
+    assert json.loads(last) == {"body_length": size}
+    [logged] = [e for e in upstream_log(echo_upstream) if e.get("target") == target]
+    assert logged["complete"] is True
+    assert logged["body_length"] == size
+
+
 def test_client_that_hangs_up_while_the_upstream_stalls_on_its_body_frees_the_connection(
     one_connection_proxy: RunningProxy, echo_upstream: str
 ) -> None:
