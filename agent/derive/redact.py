@@ -416,7 +416,12 @@ def redact_sql(sql: str, dialect: str | None = None) -> str:
                 end, closed = syntax.comment_end(sql, end, opener)
                 closer = syntax.block_closers[opener] if closed else ""
                 body = sql[token.end() : end - len(closer)]
-                pieces.append(opener + redact_text(body) + closer)
+                comment = opener + redact_text(body) + closer
+                if syntax.comment_end(comment, len(opener), opener) != (len(comment), closed):
+                    # A mask made or ran over a delimiter (`https://***@h` holds `/*`): the
+                    # comment would end elsewhere, taking real SQL in or giving text out.
+                    comment = f"{opener} {MASK} {closer}"
+                pieces.append(comment)
         elif kind == "name":
             name = token.group(0)
             pieces.append(name)

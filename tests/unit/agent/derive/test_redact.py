@@ -539,3 +539,35 @@ def test_block_comments_end_where_sqlglot_ends_them(
     tokens = tokenizer.tokenize(sql[:end] + "\nz")
     assert [token.text for token in tokens] == ["z"]
     assert tokens[0].comments == [sql[len(opener) : end - len(closer)]]
+
+
+@pytest.mark.parametrize(
+    "comment",
+    [
+        "/* see https://ghp_tok3n@github.com/x */",  # masked to //***: a nested opener
+        "/* a /* password 'hunter2 */ b */",  # the mask ran over the nested closer
+    ],
+)
+def test_masking_inside_a_comment_keeps_where_the_comment_ends(comment: str) -> None:
+    sql = f"SELECT o.id FROM sales.orders o {comment} JOIN sales.customers c ON c.id = o.cid"
+    redacted = redact_sql(sql, "postgres")
+    assert "tok3n" not in redacted
+    assert "hunter2" not in redacted
+    assert tables_and_columns(redacted, "postgres") == tables_and_columns(sql, "postgres")
+
+
+# A bare token in a URL is masked to `//***@`, which holds `/*`.
+COMMENT_PLACES = [*TEXT_PLACES, "https://{b}@github.com/x"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(FILLER, st.sampled_from(COMMENT_PLACES)), min_size=1, max_size=3),
+       USER, BARE_SECRET, st.sampled_from(["postgres", "mysql", None]))  # fmt: skip
+def test_secrets_in_a_comment_go_and_the_comment_ends_where_it_did(
+    pieces: list[tuple[str, str]], user: str, secret: str, dialect: str | None
+) -> None:
+    body = " ".join(f"{filler} {place.format(user=user, b=secret)}" for filler, place in pieces)
+    sql = f"SELECT t.a FROM sales.t /* {body} */ JOIN sales.u ON u.id = t.id"
+    redacted = redact_sql(sql, dialect)
+    assert secret not in redacted
+    assert tables_and_columns(redacted, dialect) == tables_and_columns(sql, dialect)
