@@ -418,17 +418,26 @@ def diagnose_damage(data: bytes, *, sealed: bool, max_record_bytes: int) -> Dama
     return Damage("torn_tail", len(data), "")
 
 
-def frame_boundary_at_or_before(data: bytes, offset: int) -> int:
-    """Walk a segment's frame lengths from its header (`data` holds at least `offset`
-    bytes of it): `offset` when a frame ends there, else the last frame end before it."""
+def frame_boundary_at_or_before(data: bytes, offset: int, *, max_record_bytes: int) -> int:
+    """Walk a segment as the reader reads it, from its header (`data` holds at least
+    `offset` bytes of it, more when the file has them): `offset` when a frame ends there,
+    else the last frame end before it. Damage is passed as the reader passed it, by the
+    stretch it set aside (`diagnose_damage`): a length field alone, trusted, would leave
+    a position after a damaged frame unreachable and resume before the damage."""
+    if offset < SEGMENT_HEADER_BYTES:
+        return offset
     pos = SEGMENT_HEADER_BYTES
-    while pos < offset and len(data) - pos >= FRAME_HEADER_BYTES:
-        (length,) = struct.unpack_from("<I", data, pos)
-        end = pos + FRAME_HEADER_BYTES + length
-        if length == 0 or end > offset:
+    while pos < offset:
+        kind, end = _check_frame(data, pos, max_record_bytes)
+        if kind != "ok":
+            damage = diagnose_damage(data[pos:], sealed=True, max_record_bytes=max_record_bytes)
+            if damage.action != "set_aside":
+                break
+            end = pos + damage.length
+        if end > offset:
             break
         pos = end
-    return min(pos, offset) if offset >= SEGMENT_HEADER_BYTES else offset
+    return pos
 
 
 class _VersionProbe(msgspec.Struct):
@@ -1118,11 +1127,15 @@ class SpoolReader:
         except FileNotFoundError:
             return committed  # delivered and deleted: reading starts at the next segment
         try:
-            # Never more than the file holds: the offset may be anything up to 2**63.
-            data = os.pread(fd, min(committed.offset, os.fstat(fd).st_size), 0)
+            # Never more than the file holds: the offset may be anything up to 2**63. What
+            # follows the offset is read as `_recover` reads it, to judge damage the same way.
+            lookahead = 2 * (FRAME_HEADER_BYTES + self._max_record_bytes)
+            data = os.pread(fd, min(committed.offset + lookahead, os.fstat(fd).st_size), 0)
         finally:
             os.close(fd)
-        boundary = frame_boundary_at_or_before(data, committed.offset)
+        boundary = frame_boundary_at_or_before(
+            data, committed.offset, max_record_bytes=self._max_record_bytes
+        )
         if boundary == committed.offset:
             return committed
         log.warning(

@@ -217,31 +217,35 @@ def redact_text(text: str) -> str:
 
 # --- SQL ---------------------------------------------------------------------------------
 #
-# SQL is read as tokens: comments, literals, quoted identifiers and candidate names; what
-# lies between them is copied as it is. Names are never changed. A literal right after a
-# secret-like name (and a separator, `BY`, a call's parenthesis or comments) has its content
-# masked; any other literal or comment has its content redacted as free text.
+# SQL is read as tokens: comments, literals, quoted identifiers and candidate names, each
+# as the dialect's sqlglot tokenizer reads it; what lies between them is copied as it is.
+# Names are never changed. A literal right after a secret-like name (and a separator, `BY`,
+# a call's parenthesis or comments) has its content masked; any other literal or comment
+# has its content redacted as free text.
 
-_SQL_COMMENT = r"--[^\n]*+|/\*(?:[^*]++|\*(?!/))*+(?:\*/)?"
-# Whitespace and comments, possessively: what may stand between a name and its value.
-_SQL_GAP = r"(?:\s++|--[^\n]*+|/\*(?:[^*]++|\*(?!/))*+(?:\*/)?)*+"
 _SQL_WORD = r"[^\W\d][\w$]*+"
-# From the end of a secret-like name to where its value starts: `]` (of `[password]`),
-# then `<comparison>`, optionally a function's name (`= crypt('p')`), or `BY` (optionally
-# `VALUES`), then optionally `(` (`PASSWORD('p')`).
-_SQL_VALUE_START = re.compile(
-    r"\]?"
-    + _SQL_GAP
-    + r"(?:(?P<sep>=>|:=|==|!=|<>|<=|>=|=|<|>|:|(?:NOT\s++)?I?LIKE(?![\w$]))"
-    + _SQL_GAP
-    + "(?:"
-    + _SQL_WORD
-    + _SQL_GAP
-    + r"(?=\())?"
-    r"|(?P<by>BY)(?![\w$])" + _SQL_GAP + r"(?:VALUES(?![\w$])" + _SQL_GAP + ")?)?"
-    r"(?:\(" + _SQL_GAP + ")?",
-    re.IGNORECASE,
-)
+
+
+def _sql_value_start(gap: str) -> re.Pattern[str]:
+    """From the end of a secret-like name to where its value starts, `gap` (whitespace and
+    the dialect's comments) allowed between the parts: `]` (of `[password]`), then
+    `<comparison>`, optionally a function's name (`= crypt('p')`), or `BY` (optionally
+    `VALUES`), then optionally `(` (`PASSWORD('p')`)."""
+    return re.compile(
+        r"\]?"
+        + gap
+        + r"(?:(?P<sep>=>|:=|==|!=|<>|<=|>=|=|<|>|:|(?:NOT\s++)?I?LIKE(?![\w$]))"
+        + gap
+        + "(?:"
+        + _SQL_WORD
+        + gap
+        + r"(?=\())?"
+        r"|(?P<by>BY)(?![\w$])" + gap + r"(?:VALUES(?![\w$])" + gap + ")?)?"
+        r"(?:\(" + gap + ")?",
+        re.IGNORECASE,
+    )
+
+
 # The unquoted password of `IDENTIFIED BY p`.
 _SQL_BARE_PASSWORD = re.compile(r"[^\s;,()'\"`]++")
 # Hex and bit strings hold no text: their content is removed, since `***` is no hex.
@@ -251,14 +255,48 @@ _ESCAPES = {char: f"\\{code}" for code, char in _UNESCAPES.items()} | {"\\": "\\
 
 
 class _SqlSyntax:
-    """How one dialect quotes: whether strings take backslash escapes, what `"` quotes."""
+    """How one dialect quotes and comments, as its sqlglot tokenizer reads it: whether
+    strings take backslash escapes, what `"` quotes, which comments there are (`#` in
+    MySQL, `//` in Snowflake, `{# #}` everywhere), whether block comments nest, where a
+    line comment ends. Read otherwise, a quote inside a comment would open a literal that
+    swallows the real SQL after it, and a real secret literal would be taken for SQL."""
 
-    def __init__(self, backslash_escapes: bool, double_quoted_strings: bool) -> None:
+    def __init__(
+        self,
+        backslash_escapes: bool,
+        double_quoted_strings: bool,
+        *,
+        comments: Mapping[str, str | None],
+        nested_comments: bool,
+        dash_comment_needs_boundary: bool,
+        line_comments_end_at_newline_only: bool,
+    ) -> None:
         self.backslash_escapes = backslash_escapes
         self.double_quoted_strings = double_quoted_strings
+        self.nested_comments = nested_comments
+        self.block_closers = {start: end for start, end in comments.items() if end is not None}
+        line_starts = [start for start, end in comments.items() if end is None]
+        # Longest first: `#!` before `#`, `/*+` before `/*`, as a tokenizer's trie takes them.
+        lines = "|".join(
+            re.escape(start)
+            + (r"(?=[\s\x00-\x1f\x7f]|\Z)" if start == "--" and dash_comment_needs_boundary else "")
+            for start in sorted(line_starts, key=len, reverse=True)
+        )
+        line_body = r"[^\n]*+" if line_comments_end_at_newline_only else r"[^\n\r]*+"
+        block_starts = sorted(self.block_closers, key=len, reverse=True)
+        blocks = "|".join(re.escape(start) for start in block_starts)
+        # A block comment's end is found by `comment_end` (nesting is no regular language).
+        comment = f"(?P<line>{lines}){line_body}|(?P<block>{blocks})"
+        # Between a secret-like name and its value: here a nested comment is read as if it
+        # did not nest (its value is then redacted as free text, not masked as a secret).
+        gap_comments = [f"(?:{lines}){line_body}"] + [
+            f"{re.escape(start)}(?:(?!{re.escape(end)})(?s:.))*+(?:{re.escape(end)})?"
+            for start, end in self.block_closers.items()
+        ]
+        self.value_start = _sql_value_start(r"(?:\s++|" + "|".join(gap_comments) + ")*+")
         double = _sql_quoted('"', "d_close", backslash_escapes and double_quoted_strings)
         self.tokens = re.compile(
-            "(?P<comment>" + _SQL_COMMENT + ")"
+            "(?P<comment>" + comment + ")"
             r"|(?P<e_string>(?<![\w$])[Ee]" + _sql_quoted("'", "e_close", True) + ")"
             r"|(?P<string>(?:(?<![\w$])(?:[NnXxBb]|[Uu]&))?"
             + _sql_quoted("'", "s_close", backslash_escapes)
@@ -268,6 +306,35 @@ class _SqlSyntax:
             r"|(?P<dollar>(?<![\w$])\$(?:[^\W\d]\w*+)?\$)"
             r"|(?P<name>(?<![\w$])(?=[\w$]*?" + _CANDIDATE_PIECES + ")" + _SQL_WORD + ")",
         )
+
+    def comment_end(self, sql: str, start: int, opener: str) -> tuple[int, bool]:
+        """Where the block comment whose `opener` ends at `start` ends, and whether it is
+        closed (else it runs to the end of the text). Follows sqlglot's scan step by step:
+        a closer is looked for at every place, an opener (when comments nest) only one
+        character after a place looked at, so never right after an opener."""
+        closer = self.block_closers[opener]
+        # sqlglot compares as many characters as the closer has with the opener: a longer
+        # opener (the hint's `/*+`) never nests.
+        if not self.nested_comments or len(opener) != len(closer):
+            at = sql.find(closer, start)
+            return (len(sql), False) if at < 0 else (at + len(closer), True)
+        # The next closer and opener where each may count; found again only once passed,
+        # so each stretch of text is searched once (`/*` * n + `*/` * n stays linear).
+        close_at, open_at, depth = sql.find(closer, start), sql.find(opener, start + 1), 1
+        while close_at >= 0 or open_at >= 0:
+            if close_at >= 0 and (open_at < 0 or close_at < open_at):
+                depth -= 1
+                if depth == 0:
+                    return close_at + len(closer), True
+                # An opener may start on the closer's last character (`*/*`).
+                close_at = sql.find(closer, close_at + 1)
+            else:
+                depth += 1
+                position = open_at + len(opener)
+                if 0 <= close_at < position:
+                    close_at = sql.find(closer, position)
+                open_at = sql.find(opener, position + 1)
+        return len(sql), False
 
 
 def _sql_quoted(quote: str, close_group: str, backslash_escapes: bool) -> str:
@@ -288,6 +355,11 @@ def _sql_syntax(dialect: str | None) -> _SqlSyntax:
     return _SqlSyntax(
         backslash_escapes="\\" in tokenizer.STRING_ESCAPES,
         double_quoted_strings='"' in tokenizer.QUOTES and '"' not in tokenizer.IDENTIFIERS,
+        # Every comment the tokenizer reads (its COMMENTS, the hint opener, Jinja's `{#`).
+        comments=tokenizer._COMMENTS,
+        nested_comments=tokenizer.NESTED_COMMENTS,
+        dash_comment_needs_boundary=tokenizer.DASH_COMMENT_REQUIRES_BOUNDARY,
+        line_comments_end_at_newline_only=tokenizer.COMMENTS_TERMINATE_AT_NEWLINE_ONLY,
     )
 
 
@@ -336,7 +408,20 @@ def redact_sql(sql: str, dialect: str | None = None) -> str:
         pieces.append(sql[position:start])
         name: str | None = None
         if kind == "comment":
-            pieces.append(_redact_comment(token.group(0)))
+            opener = token["block"]
+            if opener is None:
+                line = token["line"]
+                pieces.append(line + redact_text(token.group(0)[len(line) :]))
+            else:
+                end, closed = syntax.comment_end(sql, end, opener)
+                closer = syntax.block_closers[opener] if closed else ""
+                body = sql[token.end() : end - len(closer)]
+                comment = opener + redact_text(body) + closer
+                if syntax.comment_end(comment, len(opener), opener) != (len(comment), closed):
+                    # A mask made or ran over a delimiter (`https://***@h` holds `/*`): the
+                    # comment would end elsewhere, taking real SQL in or giving text out.
+                    comment = f"{opener} {MASK} {closer}"
+                pieces.append(comment)
         elif kind == "name":
             name = token.group(0)
             pieces.append(name)
@@ -349,7 +434,7 @@ def redact_sql(sql: str, dialect: str | None = None) -> str:
                 pieces.append(literal.redacted(secret=start == value_at, after_by=after_by))
                 end = literal.end
         if name is not None and is_secret_name(name):
-            value = _SQL_VALUE_START.match(sql, end)
+            value = syntax.value_start.match(sql, end)
             assert value is not None  # every part of the pattern is optional
             value_at, after_by = value.end(), value["by"] is not None
             following = syntax.tokens.match(sql, value_at)
@@ -414,13 +499,6 @@ def _read_literal(sql: str, token: re.Match[str], syntax: _SqlSyntax) -> _Litera
         backslash_escapes=backslash_escapes,
         is_name=kind == "backquoted" or (kind == "double" and not syntax.double_quoted_strings),
     )
-
-
-def _redact_comment(comment: str) -> str:
-    closed = comment.startswith("/*") and len(comment) >= 4 and comment.endswith("*/")
-    closing = "*/" if closed else ""
-    inner = comment[2 : len(comment) - len(closing)]
-    return comment[:2] + redact_text(inner) + closing
 
 
 def redact_query(query: str) -> str:

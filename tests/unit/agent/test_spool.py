@@ -661,6 +661,30 @@ def test_position_inside_a_frame_resumes_at_the_frame_end_before_it(tmp_path: Pa
     reader.close()
 
 
+@pytest.mark.parametrize("length", [0xFFFF_FF00, 0x04], ids=["impossible", "shorter"])
+def test_restart_after_a_damaged_length_resumes_at_the_commit_past_it(
+    tmp_path: Path, length: int
+) -> None:
+    # The reader passed the damaged frame by resynchronising; a restart must find the
+    # commit after it a frame end too, not go back before the damage and deliver again.
+    segment = spool_of(tmp_path, 10)
+    starts = frame_offsets(segment)
+    data = bytearray(segment.read_bytes())
+    data[starts[3] : starts[3] + 4] = length.to_bytes(4, "little")
+    segment.write_bytes(bytes(data))
+    reader = SpoolReader(tmp_path)
+    delivered = read_all(reader)
+    assert ids(delivered) == [f"req-{i}" for i in range(10) if i != 3]
+    reader.commit(delivered[6][0])  # req-7, mid-segment: the segment stays
+    reader.close()
+
+    reader = SpoolReader(tmp_path)
+    assert reader.committed_position == delivered[6][0]
+    assert ids(read_all(reader)) == ["req-8", "req-9"]
+    assert [fields["offset"] for fields, _raw in quarantined(tmp_path)] == [starts[3]]
+    reader.close()
+
+
 def test_position_past_the_end_of_its_segment_resumes_at_its_last_frame_end(
     tmp_path: Path,
 ) -> None:

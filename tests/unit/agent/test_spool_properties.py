@@ -1,7 +1,8 @@
 """Spool properties: any interleaving of appends, flushes, reads, commits and restarts
 delivers every record at least once and in order, and nothing twice after the final
 commit; hostile bytes in a segment never crash the frame scanner; one damaged frame
-anywhere but the tail is set aside and costs no other record."""
+anywhere but the tail is set aside and costs no other record, and a restart after any
+commit resumes exactly there."""
 
 from __future__ import annotations
 
@@ -191,6 +192,9 @@ def test_one_damaged_frame_is_set_aside_and_every_other_record_delivered_once(
             while batch := reader.read_batch(7):
                 delivered += [r.request_id for _p, r in batch]
                 reader.commit(batch[-1][0])
+                reader.close()
+                reader = SpoolReader(directory)  # a restart resumes exactly at the commit
+                assert reader.committed_position == batch[-1][0]
             reader.close()
             reader = SpoolReader(directory)  # a restart delivers nothing again
             assert reader.read_batch(1000) == []

@@ -9,12 +9,14 @@ import sqlglot
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from sqlglot import exp
+from sqlglot.dialects.dialect import Dialect
 
 from agent.derive.redact import (
     _SECRET_FRAGMENTS,
     _SECRET_WORDS,
     MASK,
     RedactionRules,
+    _sql_syntax,
     is_secret_name,
     redact_headers,
     redact_query,
@@ -331,6 +333,23 @@ def test_hostile_text_is_redacted_without_pathological_work(text: str) -> None:
     assert redact_text(redacted) == redacted
 
 
+# Nested comments as deep as the text allows, and comment openers that never close: a scan
+# that searched the rest of the text again for each one would take minutes here.
+HOSTILE_SQL = [
+    ("postgres", "/*" * 100_000 + "*/" * 100_000 + " SELECT 1"),
+    ("postgres", "/* " + "/*/" * 100_000),
+    ("mysql", "SELECT 1 " + "# x\n" * 100_000),
+    (None, "{#" * 100_000),
+]
+
+
+@pytest.mark.parametrize(("dialect", "sql"), HOSTILE_SQL, ids=lambda v: repr(v)[:16])
+def test_hostile_sql_comments_are_redacted_without_pathological_work(
+    dialect: str | None, sql: str
+) -> None:
+    assert redact_sql(sql, dialect) == sql
+
+
 # Half a MiB of one long word whose pieces all may start a URL scheme. The userinfo pattern
 # that looked for a scheme from every word start took 9 s on 128 KiB of this; on this much
 # it would take minutes, which is what this test would show as a hang.
@@ -429,3 +448,126 @@ def test_redacted_sql_keeps_every_name_and_parses(case: tuple[str, str, str]) ->
 
 def test_unclosed_quote_after_a_secret_name_masks_the_rest() -> None:
     assert redact_text("x PASSWORD 'hunter2 and more") == "x PASSWORD '***"
+
+
+# Comments as the dialect's own tokenizer reads them, each holding a quote: read as
+# anything else, the quote would open a literal that swallows the real SQL after it, and
+# the real secret literal would be taken for SQL and kept.
+DIALECT_COMMENTS = [
+    ("mysql", "# it's the login check\n"),
+    ("bigquery", "# it's the login check\n"),
+    ("clickhouse", "#! it's the login check\n"),
+    ("snowflake", "// it's the login check\n"),
+    ("postgres", "/* outer /* nested */ it's still a comment */"),
+    (None, "/* outer /* nested */ it's still a comment */"),
+    (None, "{# it's a template comment #}"),
+]
+
+
+@pytest.mark.parametrize(("dialect", "comment"), DIALECT_COMMENTS)
+def test_a_quote_in_a_comment_of_the_dialect_hides_no_secret(
+    dialect: str | None, comment: str
+) -> None:
+    sql = f"SELECT id FROM users {comment} WHERE password = 'hunter2' AND name = 'bob'"
+    assert redact_sql(sql, dialect) == sql.replace("hunter2", MASK)
+
+
+@pytest.mark.parametrize(
+    ("dialect", "sql"),
+    [
+        # Not comments in these dialects: the names after them are SQL, and stay as they are.
+        ("mysql", "UPDATE t SET n = a--b, password = s.pw FROM s WHERE s.id = t.id"),
+        (None, "UPDATE t SET n = 1 -- ends at the carriage return\r, password = s.pw FROM s"),
+    ],
+)
+def test_what_the_dialect_does_not_read_as_a_comment_keeps_its_names(
+    dialect: str | None, sql: str
+) -> None:
+    redacted = redact_sql(sql, dialect)
+    assert "s.pw" in redacted
+    assert tables_and_columns(redacted, dialect) == tables_and_columns(sql, dialect)
+
+
+COMMENT_TEXT = st.text("ab '\"`$=;", max_size=12)
+COMMENT_DIALECTS = st.sampled_from(
+    ["mysql", "bigquery", "clickhouse", "snowflake", "postgres", None]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(COMMENT_DIALECTS, st.data(), COMMENT_TEXT, COMMENT_TEXT, BARE_SECRET)
+def test_no_comment_of_the_dialect_hides_a_secret_after_it(
+    dialect: str | None, data: st.DataObject, outer: str, inner: str, secret: str
+) -> None:
+    syntax = _sql_syntax(dialect)
+    forms = [f"-- {outer}\n", f"/* {outer} */", f"{{# {outer} #}}"]
+    line_starts = Dialect.get_or_raise(dialect).tokenizer_class.COMMENTS
+    forms += [f"{start}{outer}\n" for start in ("#", "#!", "//") if start in line_starts]
+    if syntax.nested_comments:
+        forms.append(f"/* {outer} /* {inner} */ {outer} */")
+    comment = data.draw(st.sampled_from(forms), label="comment")
+    sql = f"SELECT id FROM sales.users {comment} WHERE password = '{secret}' AND name = 'x'"
+    redacted = redact_sql(sql, dialect)
+    assert secret not in redacted
+    assert tables_and_columns(redacted, dialect) == tables_and_columns(sql, dialect)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.text("/*a {#}+", max_size=16),
+    st.text("a *#}+", max_size=4),
+    st.sampled_from(["postgres", "mysql", None]),
+    st.sampled_from(["/*", "{#", "/*+"]),
+)
+def test_block_comments_end_where_sqlglot_ends_them(
+    text: str, after: str, dialect: str | None, opener: str
+) -> None:
+    syntax = _sql_syntax(dialect)
+    assume(opener in syntax.block_closers)
+    # The tokenizer takes the longest opener: `/*+` where the dialect has hints.
+    assume(not (opener == "/*" and text.startswith("+") and "/*+" in syntax.block_closers))
+    closer = syntax.block_closers[opener]
+    sql = f"{opener}{text}{closer}{after}"
+    end, closed = syntax.comment_end(sql, len(opener), opener)
+    tokenizer = Dialect.get_or_raise(dialect)
+    if not closed:
+        with pytest.raises(sqlglot.errors.TokenError):  # sqlglot refuses an unclosed comment
+            tokenizer.tokenize(sql)
+        return
+    # Read up to where the comment was found to end, sqlglot ends it there too: earlier,
+    # and text would follow it; later, and the comment would be unclosed.
+    tokens = tokenizer.tokenize(sql[:end] + "\nz")
+    assert [token.text for token in tokens] == ["z"]
+    assert tokens[0].comments == [sql[len(opener) : end - len(closer)]]
+
+
+@pytest.mark.parametrize(
+    "comment",
+    [
+        "/* see https://ghp_tok3n@github.com/x */",  # masked to //***: a nested opener
+        "/* a /* password 'hunter2 */ b */",  # the mask ran over the nested closer
+    ],
+)
+def test_masking_inside_a_comment_keeps_where_the_comment_ends(comment: str) -> None:
+    sql = f"SELECT o.id FROM sales.orders o {comment} JOIN sales.customers c ON c.id = o.cid"
+    redacted = redact_sql(sql, "postgres")
+    assert "tok3n" not in redacted
+    assert "hunter2" not in redacted
+    assert tables_and_columns(redacted, "postgres") == tables_and_columns(sql, "postgres")
+
+
+# A bare token in a URL is masked to `//***@`, which holds `/*`.
+COMMENT_PLACES = [*TEXT_PLACES, "https://{b}@github.com/x"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(FILLER, st.sampled_from(COMMENT_PLACES)), min_size=1, max_size=3),
+       USER, BARE_SECRET, st.sampled_from(["postgres", "mysql", None]))  # fmt: skip
+def test_secrets_in_a_comment_go_and_the_comment_ends_where_it_did(
+    pieces: list[tuple[str, str]], user: str, secret: str, dialect: str | None
+) -> None:
+    body = " ".join(f"{filler} {place.format(user=user, b=secret)}" for filler, place in pieces)
+    sql = f"SELECT t.a FROM sales.t /* {body} */ JOIN sales.u ON u.id = t.id"
+    redacted = redact_sql(sql, dialect)
+    assert secret not in redacted
+    assert tables_and_columns(redacted, dialect) == tables_and_columns(sql, dialect)
