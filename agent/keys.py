@@ -180,7 +180,9 @@ def _render_keyring(keys: dict[str, bytes], created: dict[str, str], active: str
 def _read_private_file(path: Path) -> bytes:
     """Read a secret file, refusing one that group or others can access."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        # O_NONBLOCK: a FIFO at the keyring's path would otherwise hang the start until
+        # something writes to it; it is then refused below as not a regular file.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise
     except OSError as exc:

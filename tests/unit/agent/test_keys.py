@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,34 @@ def test_keyring_open_to_group_or_others_is_refused(tmp_path: Path, mode: int) -
     path.chmod(mode)
     with pytest.raises(KeyringError, match="chmod 600"):
         LocalKeyring(path)
+
+
+def test_a_fifo_at_the_keyring_path_is_refused_without_waiting_for_a_writer(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "keyring.json"
+    os.mkfifo(path, 0o600)
+    outcome: list[BaseException | None] = []
+
+    def open_keyring() -> None:
+        try:
+            LocalKeyring(path, create=False)
+        except BaseException as exc:
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    opener = threading.Thread(target=open_keyring, daemon=True)
+    opener.start()
+    opener.join(30)  # a deadlock guard, not a timing requirement
+    if opener.is_alive():
+        # Blocked in open(): give it a writer so the thread ends, then fail.
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        opener.join(30)
+        pytest.fail("opening a FIFO keyring waited for a writer")
+    [error] = outcome
+    assert isinstance(error, KeyringError)
+    assert "not a regular file" in str(error)
 
 
 def test_missing_keyring_without_create_is_refused(tmp_path: Path) -> None:
