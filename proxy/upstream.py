@@ -180,6 +180,16 @@ class UpstreamConnection(asyncio.Protocol):
         return True
 
     # --- httptools callbacks ------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self.message_done:
+            # A second response to one request (an upstream out of step, or one trying
+            # to answer a request nobody sent): parsing stops before it can overwrite the
+            # first's status, headers or body, and the connection is closed, never reused.
+            raise UpstreamError(
+                "protocol", 502, "upstream sent more than one response to one request",
+                before_response=False,
+            )  # fmt: skip
+
     def on_header(self, name: bytes, value: bytes) -> None:
         headers = self.headers
         headers.append((name, value))

@@ -27,6 +27,8 @@ Special paths:
                     once the headers are in, send a chunked 200 head and a first chunk
                     ("started\n"), read the whole body, then end the answer with a chunk of
                     JSON {"body_length": N} (an upstream streaming while it reads)
+  /__two_answers    answer with two whole responses in one write: a 200 "ok", then a 302
+                    to evil.test with a cookie and a 4-byte body (a desynchronised upstream)
   /__answer_early?code=C
                     once the headers are in, answer with status C and a JSON body, and stop
                     reading the connection (a server refusing a body it will not take)
@@ -216,6 +218,12 @@ class EchoProtocol(asyncio.Protocol):
         elif path == "/__answer_then_read":
             end = json.dumps({"body_length": request["body_length"]}).encode()
             write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(end), end))
+        elif path == "/__two_answers":
+            write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                b"HTTP/1.1 302 Found\r\nLocation: http://evil.test/\r\n"
+                b"Set-Cookie: session=evil\r\nContent-Length: 4\r\n\r\nevil"
+            )
         elif path == "/__status":
             code = query["code"][0].encode()
             write(b"HTTP/1.1 %b Odd\r\nContent-Length: 2\r\n\r\nok" % code)

@@ -13,7 +13,7 @@ import pytest
 
 from lineage_sidecar.ports import free_port
 from tests.integration.proxy.conftest import RunningProxy, run_proxy
-from tests.integration.proxy.rawhttp import exchange, get
+from tests.integration.proxy.rawhttp import exchange, get, read_reply
 
 
 def upstream_log(proxy: RunningProxy) -> list[dict[str, Any]]:
@@ -166,6 +166,25 @@ def test_upstream_closing_mid_response_gives_502(plain_proxy: RunningProxy) -> N
     assert reply.status == 502
     assert reply.json()["error"] == "upstream_closed"
     assert get(plain_proxy.port, "/still-serving").status == 200
+
+
+def test_a_second_response_in_one_exchange_is_never_passed_on(plain_proxy: RunningProxy) -> None:
+    # An upstream out of step sends two responses for one request. The client gets the
+    # first, whole and alone; the second (a redirect setting a cookie) reaches no one, and
+    # that upstream connection is not used again.
+    with socket.create_connection(("127.0.0.1", plain_proxy.port)) as sock:
+        sock.settimeout(15)
+        sock.sendall(b"GET /__two_answers HTTP/1.1\r\nHost: a\r\n\r\n")
+        first = read_reply(sock)
+        sock.sendall(b"GET /after-two-answers HTTP/1.1\r\nHost: a\r\n\r\n")
+        second = read_reply(sock)
+    assert (first.status, first.body) == (200, b"ok")
+    assert first.header("Location") is None
+    assert first.header_all("Set-Cookie") == []
+    assert second.status == 200
+    assert second.json()["target"] == "/after-two-answers"
+    [split] = [e for e in upstream_log(plain_proxy) if e.get("target") == "/__two_answers"][-1:]
+    assert second.json()["connection"] != split["connection"]
 
 
 def test_upstream_closing_without_answer_gives_502(plain_proxy: RunningProxy) -> None:
