@@ -572,7 +572,7 @@ class Forwarder:
             else:
                 whole = web.Response(status=status, body=body, headers=headers)
                 exchange.bytes_out = len(body)
-            pool.release(conn, reusable=True)
+            self._finished(conn, pool, request_id)
             return whole
 
         response = web.StreamResponse(status=status, headers=headers)
@@ -623,5 +623,17 @@ class Forwarder:
             await response.write_eof()
         except ConnectionError:
             exchange.client_closed = True
-        pool.release(conn, reusable=True)
+        self._finished(conn, pool, request_id)
         return response
+
+    def _finished(self, conn: UpstreamConnection, pool: UpstreamPool, request_id: str) -> None:
+        """Give back the connection of a whole response. The upstream may still have broken
+        the exchange after it (a second response): counted and logged, and the connection,
+        closed by then, is not pooled."""
+        error = conn.error
+        if error is not None:
+            self._metrics.upstream_error[error.kind].inc()
+            log.warning(
+                "upstream misbehaved after answering (request %s): %s", request_id, error.message
+            )
+        pool.release(conn, reusable=True)

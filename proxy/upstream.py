@@ -344,6 +344,12 @@ class UpstreamConnection(asyncio.Protocol):
         while not self.message_done:
             await self._wait(timeout)
 
+    @property
+    def error(self) -> UpstreamError | None:
+        """What ended this connection's exchange early, if anything did; set also when the
+        response itself was whole (e.g. a second response after it)."""
+        return self._error
+
     def take_buffered(self) -> bytes:
         """All body bytes received so far, as one piece (for small responses)."""
         data = b"".join(self._body)

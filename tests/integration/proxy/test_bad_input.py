@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from lineage_sidecar.ports import free_port
 from tests.integration.proxy.conftest import RunningProxy, run_proxy
@@ -171,7 +172,8 @@ def test_upstream_closing_mid_response_gives_502(plain_proxy: RunningProxy) -> N
 def test_a_second_response_in_one_exchange_is_never_passed_on(plain_proxy: RunningProxy) -> None:
     # An upstream out of step sends two responses for one request. The client gets the
     # first, whole and alone; the second (a redirect setting a cookie) reaches no one, and
-    # that upstream connection is not used again.
+    # that upstream connection is not used again. Operators see it counted.
+    before = protocol_errors(plain_proxy)
     with socket.create_connection(("127.0.0.1", plain_proxy.port)) as sock:
         sock.settimeout(15)
         sock.sendall(b"GET /__two_answers HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -185,6 +187,19 @@ def test_a_second_response_in_one_exchange_is_never_passed_on(plain_proxy: Runni
     assert second.json()["target"] == "/after-two-answers"
     [split] = [e for e in upstream_log(plain_proxy) if e.get("target") == "/__two_answers"][-1:]
     assert second.json()["connection"] != split["connection"]
+    assert protocol_errors(plain_proxy) == before + 1
+
+
+def protocol_errors(proxy: RunningProxy) -> float:
+    exposition = get(proxy.admin_port, "/metrics").body.decode()
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if (
+                sample.name == "lineage_sidecar_upstream_errors_total"
+                and sample.labels.get("kind") == "protocol"
+            ):
+                return sample.value
+    return 0.0
 
 
 def test_upstream_closing_without_answer_gives_502(plain_proxy: RunningProxy) -> None:
