@@ -148,8 +148,9 @@ class TimeoutsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         _doc(
             "A client connection that has not delivered a complete request head within this "
             "long of opening, or of the first byte of a later request on a kept-alive "
-            "connection, is answered 408 and closed (slowloris; seconds). A kept-alive "
-            "connection idle between requests is closed after 75 s."
+            "connection, is answered 408 and closed (slowloris; seconds). With TLS, the "
+            "handshake must also finish within this long, or the connection is closed. A "
+            "kept-alive connection idle between requests is closed after 75 s."
         ),
     ] = 20.0
     client_write: Annotated[

@@ -295,6 +295,37 @@ class ProxyServer(web.Server):
         return handler
 
 
+class HandshakeBoundSite(web.SockSite):
+    """aiohttp's SockSite with a bound on the TLS handshake. A client that opens a
+    connection and never finishes its handshake would otherwise hold it for asyncio's
+    default 60 s before `timeouts.request_header` even starts: slowloris one layer down."""
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        sock: socket.socket,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        handshake_timeout: float,
+    ) -> None:
+        super().__init__(runner, sock, ssl_context=ssl_context)
+        self._handshake_timeout = handshake_timeout
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with its runner
+        server = self._runner.server
+        assert server is not None
+        loop = asyncio.get_running_loop()
+        # The same call as SockSite.start, plus the handshake bound (only with TLS).
+        self._server = await loop.create_server(
+            server,
+            sock=self._sock,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            ssl_handshake_timeout=self._handshake_timeout if self._ssl_context else None,
+        )
+
+
 def bind_sockets(listen: str, count: int) -> list[socket.socket]:
     """`count` listening sockets on one address; SO_REUSEPORT lets the kernel spread
     connections over the workers that each own one. Port 0 picks one free port for all."""
@@ -417,7 +448,12 @@ class ProxyWorker:
             server, handle_signals=False, shutdown_timeout=proxy.timeouts.shutdown
         )
         await self._runner.setup()
-        site = web.SockSite(self._runner, self._sock, ssl_context=self.ssl_context)
+        site = HandshakeBoundSite(
+            self._runner,
+            self._sock,
+            ssl_context=self.ssl_context,
+            handshake_timeout=proxy.timeouts.request_header,
+        )
         await site.start()
         assert self.forwarder.pool is not None
         self._spawn(self.forwarder.pool.run_sweeper(), "upstream-pool-sweeper")

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from proxy.tls import generate_dev_pair
 from tests.integration.proxy.conftest import RunningProxy, run_proxy
 from tests.integration.proxy.rawhttp import get, read_reply
 
@@ -322,6 +323,25 @@ def test_connection_that_never_sends_a_byte_is_closed(header_timeout_proxy: Runn
     with socket.create_connection(("127.0.0.1", header_timeout_proxy.port)) as sock:
         sock.settimeout(PATIENCE)
         assert read_until_closed(sock).startswith(b"HTTP/1.1 408 ")
+
+
+@pytest.mark.parametrize("sent", [b"", b"\x16\x03\x01\x02\x00\x01"], ids=["nothing", "half-hello"])
+def test_a_tls_handshake_that_never_finishes_is_closed_after_the_head_timeout(
+    echo_upstream: str, tmp_path: Path, sent: bytes
+) -> None:
+    # Slowloris one layer down: asyncio's own handshake bound is 60 s, past this test's
+    # patience; `timeouts.request_header` bounds the handshake too.
+    paths = generate_dev_pair(tmp_path / "certs")
+    tls = {"enabled": True, "cert_file": str(paths.cert_file), "key_file": str(paths.key_file)}
+    with (
+        run_proxy(
+            tmp_path, echo_upstream, tls=tls, proxy={"timeouts": {"request_header": 1.0}}
+        ) as proxy,
+        socket.create_connection(("127.0.0.1", proxy.port)) as sock,
+    ):
+        sock.settimeout(PATIENCE)
+        sock.sendall(sent)
+        assert read_until_closed(sock) == b""
 
 
 def test_keep_alive_connection_outlives_the_header_timeout_between_requests(
