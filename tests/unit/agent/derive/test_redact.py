@@ -571,3 +571,44 @@ def test_secrets_in_a_comment_go_and_the_comment_ends_where_it_did(
     redacted = redact_sql(sql, dialect)
     assert secret not in redacted
     assert tables_and_columns(redacted, dialect) == tables_and_columns(sql, dialect)
+
+
+@pytest.mark.parametrize(
+    ("sql", "dialect", "redacted"),
+    [
+        # A quote inside [name] opened a "literal" that ate FROM and kept the real secret.
+        ("SELECT [a'b].x, token FROM [t] WHERE password = 'hunter2'", "tsql",
+         "SELECT [a'b].x, token FROM [t] WHERE password = '***'"),
+        ("UPDATE [it's] SET password = src.p FROM src", "tsql",
+         "UPDATE [it's] SET password = src.p FROM src"),
+        ("SELECT [a]]b] FROM [s].[t] WHERE [password] = 'x'", "tsql",
+         "SELECT [a]]b] FROM [s].[t] WHERE [password] = '***'"),
+        ("SELECT [x'y] FROM t WHERE password = 'p'", "sqlite",
+         "SELECT [x'y] FROM t WHERE password = '***'"),
+        # Where `[` is a subscript it stays one.
+        ("SELECT a[1], b['k'] FROM t WHERE password = 'p'", "postgres",
+         "SELECT a[1], b['k'] FROM t WHERE password = '***'"),
+    ],
+)  # fmt: skip
+def test_bracketed_names_are_names_where_the_dialect_has_them(
+    sql: str, dialect: str, redacted: str
+) -> None:
+    assert redact_sql(sql, dialect) == redacted
+    assert tables_and_columns(redacted, dialect) == tables_and_columns(sql, dialect)
+
+
+BRACKET_NAME = st.text(
+    st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=12
+).map(lambda name: name.replace("]", "]]"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(["tsql", "sqlite"]), BRACKET_NAME, BRACKET_NAME, BARE_SECRET)
+def test_no_bracketed_name_hides_a_secret_or_changes_lineage(
+    dialect: str, column: str, table: str, secret: str
+) -> None:
+    sql = f"SELECT [{column}], token FROM [{table}] WHERE password = '{secret}'"
+    redacted = redact_sql(sql, dialect)
+    assert f"'{secret}'" not in redacted
+    assert redacted.startswith(f"SELECT [{column}], token FROM [{table}] WHERE ")
+    assert tables_and_columns(redacted, dialect) == tables_and_columns(sql, dialect)
