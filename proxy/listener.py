@@ -492,7 +492,9 @@ class ProxyWorker:
                 prefix = urlsplit(auth.oidc.callback_url).path.removesuffix("/callback")
                 root = web.Application()
                 root.add_subapp(prefix, create_oidc_app(auth.oidc, sessions))
-                backend = InternalBackend("oidc-login", prefix, root, public=True)
+                backend = InternalBackend(
+                    "oidc-login", prefix, root, public=True, reads_session=True
+                )
                 await backend.start(self.config.proxy)
                 self.internal.append(backend)
                 if auth.browser_login == "oidc":

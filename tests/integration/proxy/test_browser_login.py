@@ -236,3 +236,51 @@ def test_opaque_tokens_are_introspected(
             authorization="Bearer not-a-token-we-issued",
         )
         assert status == 401
+
+
+def _sign_in(proxy: RunningProxy, browser: Browser) -> str:
+    """Walk `browser` through the OIDC login; the session cookie's name."""
+    status, location, _ = browser.get(f"{proxy.url}/_sidecar/oauth2/start?rd=/x")
+    for _ in range(3):  # start -> provider -> callback -> back to /x
+        assert status == 302, location
+        if location == f"{proxy.url}/x":
+            break
+        status, location, _ = browser.get(location)
+    assert location == f"{proxy.url}/x"
+    (name,) = [name for name in browser.cookies if "session" in name]
+    return name
+
+
+def test_sign_out_through_the_proxy_ends_the_session(proxy: RunningProxy) -> None:
+    browser = Browser()
+    name = _sign_in(proxy, browser)
+    stolen = browser.cookies[name]
+    assert browser.get(f"{proxy.url}/x", accept="application/json")[0] == 200
+    status, location, _ = browser.get(f"{proxy.url}/_sidecar/oauth2/sign_out?rd=/bye")
+    assert status == 302
+    assert location == f"{proxy.url}/bye"
+    assert name not in browser.cookies
+    # The session is over on the server, not only forgotten by this browser: a copy of
+    # the cookie (another tab, a stolen one) no longer signs anyone in.
+    replayed = Browser(cookies={name: stolen})
+    assert replayed.get(f"{proxy.url}/x", accept="application/json")[0] == 401
+
+
+def test_sign_out_everywhere_through_the_proxy(proxy: RunningProxy) -> None:
+    laptop, phone = Browser(), Browser()
+    name = _sign_in(proxy, laptop)
+    _sign_in(proxy, phone)
+    connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+    connection.request(
+        "POST", "/_sidecar/oauth2/sign_out", body=b"everywhere=true&rd=/bye",
+        headers={
+            "Content-Type": "application/x-www-form-urlencoded",
+            "Cookie": f"{name}={laptop.cookies[name]}",
+        },
+    )  # fmt: skip
+    response = connection.getresponse()
+    response.read()
+    connection.close()
+    assert response.status == 302
+    # alice's session on the other device has ended too.
+    assert phone.get(f"{proxy.url}/x", accept="application/json")[0] == 401
