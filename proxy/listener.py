@@ -546,7 +546,8 @@ class ProxyWorker:
         )
 
         async def on_login(principal: Principal, return_to: str) -> web.StreamResponse:
-            cookie = await sessions.create(principal)
+            # The IdP's SessionNotOnOrAfter, when it set one, ends the session early.
+            cookie = await sessions.create(principal, ends_at=principal.expires_at)
             return web.Response(
                 status=302,
                 headers={"Location": return_to, "Set-Cookie": sessions.set_cookie_header(cookie)},

@@ -8,6 +8,7 @@ import asyncio
 import http.client
 import json
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -284,3 +285,57 @@ def test_sign_out_everywhere_through_the_proxy(proxy: RunningProxy) -> None:
     assert response.status == 302
     # alice's session on the other device has ended too.
     assert phone.get(f"{proxy.url}/x", accept="application/json")[0] == 401
+
+
+def test_saml_session_ends_when_the_idp_says(echo_upstream: str, tmp_path: Path) -> None:
+    """SessionNotOnOrAfter in the assertion bounds the session the proxy starts."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    idp = SamlIdentityProvider(tmp_path, IDP_ENTITY, make_keypair(keys, "idp"))
+    sp = make_keypair(keys, "sp")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/_sidecar/saml"
+    auth = {
+        "sessions": {"signing_keys": ["k" * 40]},
+        "saml": {
+            "entity_id": f"{base}/metadata",
+            "acs_url": f"{base}/acs",
+            "metadata_url": f"{base}/metadata",
+            "idp_entity_id": IDP_ENTITY,
+            "idp_metadata_file": str(idp.metadata_file),
+            "sp_key_file": sp.key_file,
+            "sp_cert_file": sp.cert_file,
+            "cookie_secure": False,
+        },
+    }
+    with run_proxy(tmp_path / "proxy", echo_upstream, extra={"auth": auth}, port=port) as proxy:
+        browser = Browser()
+        idp.trust_sp(browser.get(f"{base}/metadata", accept="application/xml")[2])
+        status, location, _ = browser.get(f"{base}/login?return_to=/x")
+        assert status == 302
+        session_end = time.time() + 3
+        answer = idp.respond(
+            idp.receive(location),
+            session_not_on_or_after=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(session_end)),
+        )
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request(
+            "POST", "/_sidecar/saml/acs", body=urlencode(post_body(answer)).encode(),
+            headers={
+                "Content-Type": "application/x-www-form-urlencoded",
+                "Cookie": "; ".join(f"{k}={v}" for k, v in browser.cookies.items()),
+            },
+        )  # fmt: skip
+        response = connection.getresponse()
+        response.read()
+        connection.close()
+        assert response.status == 302
+        (session,) = [h for h in response.headers.get_all("Set-Cookie") or [] if "session" in h]
+        name, _, rest = session.partition("=")
+        browser.cookies[name] = rest.split(";")[0]
+        assert browser.get(f"{proxy.url}/x", accept="application/json")[0] == 200
+        # The IdP ended the session: from then on the cookie is no login (it used to
+        # last the proxy's own 12 hours).
+        while time.time() < session_end + 1:
+            time.sleep(0.2)
+        assert browser.get(f"{proxy.url}/x", accept="application/json")[0] == 401
