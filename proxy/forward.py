@@ -249,6 +249,7 @@ class Forwarder:
         identity: bytes = b"",
         base_path: bytes | None = None,
         drop_authorization: bool = False,
+        keep_session_cookie: bool = False,
     ) -> bytes:
         if target is None:
             target = request.raw_path
@@ -278,6 +279,7 @@ class Forwarder:
             b"\r\n",
         ]  # fmt: skip
         strip = self._strip_authorization if drop_authorization else self._strip
+        session_cookie = None if keep_session_cookie else self._session_cookie
         prior_for = b""
         prior_proto = b""
         prior_host = b""
@@ -297,8 +299,8 @@ class Forwarder:
                     elif lname == b"x-forwarded-host":
                         prior_host = value
                 continue
-            if lname == b"cookie" and self._session_cookie is not None:
-                value = without_cookie(value, self._session_cookie)
+            if lname == b"cookie" and session_cookie is not None:
+                value = without_cookie(value, session_cookie)
                 if not value:
                     continue
             lines += (name, b": ", value, b"\r\n")
@@ -440,9 +442,11 @@ class Forwarder:
                 admitted if isinstance(admitted, Admission) else await admitted
             )
             base_path = None
+            keep_session_cookie = False
             for backend in self._internal:
                 if backend.matches(admission.target):
                     pool, base_path = backend.pool, b""
+                    keep_session_cookie = backend.reads_session
                     break
             head = self._request_head(
                 request,
@@ -452,6 +456,7 @@ class Forwarder:
                 admission.identity,
                 base_path,
                 drop_authorization=admission.drop_authorization,
+                keep_session_cookie=keep_session_cookie,
             )
             sql = admission.match.route.sql if admission.match is not None else None
             if sql is not None and sql.location == "body" and self._excerpt_limit:

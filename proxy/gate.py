@@ -35,6 +35,7 @@ NO_ROUTE = "no route matches this request: deny by default"
 PUBLIC = "public route"
 NO_POLICY = "authenticated; no policy configured"
 AUDIT_STUCK = "decisions cannot be audited now; refusing"
+DUPLICATE_AUTHORIZATION = "send the Authorization header once"
 INSUFFICIENT_SCOPE_CHALLENGE = 'Bearer realm="lineage-sidecar", error="insufficient_scope"'
 
 
@@ -303,6 +304,11 @@ class Gate:
             return self._admit_public(request, request_id, target, match, decision)
         if match is not None and match.route.public:
             return self._admit_public(request, request_id, target, match, _PUBLIC)
+        if self._forward_authorization and len(request.headers.getall("Authorization", ())) > 1:
+            # The first is verified and all are passed on: an upstream reading another
+            # would act on a token nobody checked. Two are malformed anyway (RFC 9110 5.3).
+            refused = Admission(target=target, match=match, outcome="rejected")
+            raise Refusal(400, "duplicate_authorization", DUPLICATE_AUTHORIZATION, refused)
         principal = self._auth.cached(request.headers)
         if principal is None:
             return self._authenticate(request, request_id, target, match, memo, backend)

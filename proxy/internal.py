@@ -37,6 +37,7 @@ class InternalBackend:
         max_line_size: int = 8190,
         max_field_size: int = 8190,
         resource: str | None = None,
+        reads_session: bool = False,
     ) -> None:
         # "/" serves every path: the backend is the proxy's only upstream (lineage API).
         if not prefix.startswith("/") or (prefix.endswith("/") and prefix != "/"):
@@ -49,6 +50,9 @@ class InternalBackend:
         # Set for backends the route file does not describe (the policy admin API): the
         # gate decides on this resource, with `read` for GET/HEAD and `write` otherwise.
         self.resource = resource
+        # The browser sign-in endpoints read (and end) the proxy's session cookie, which is
+        # kept from every other backend.
+        self.reads_session = reads_session
         self._app = app
         self._limits = (max_line_size, max_field_size)
         self._runner: web.AppRunner | None = None

@@ -528,7 +528,9 @@ class ProxyWorker:
                 prefix = urlsplit(auth.oidc.callback_url).path.removesuffix("/callback")
                 root = web.Application()
                 root.add_subapp(prefix, create_oidc_app(auth.oidc, sessions))
-                backend = InternalBackend("oidc-login", prefix, root, public=True)
+                backend = InternalBackend(
+                    "oidc-login", prefix, root, public=True, reads_session=True
+                )
                 await backend.start(self.config.proxy)
                 self.internal.append(backend)
                 if auth.browser_login == "oidc":
@@ -580,7 +582,8 @@ class ProxyWorker:
         )
 
         async def on_login(principal: Principal, return_to: str) -> web.StreamResponse:
-            cookie = await sessions.create(principal)
+            # The IdP's SessionNotOnOrAfter, when it set one, ends the session early.
+            cookie = await sessions.create(principal, ends_at=principal.expires_at)
             return web.Response(
                 status=302,
                 headers={"Location": return_to, "Set-Cookie": sessions.set_cookie_header(cookie)},

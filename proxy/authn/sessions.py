@@ -7,8 +7,9 @@ Promises:
   is made for a bad signature, so forged cookies cost nothing);
 - the store is keyed by SHA-256 of the id, so whoever can read Redis cannot replay ids;
 - every login creates a NEW id (no fixation), and replaces the one the browser had;
-- idle and absolute timeouts are enforced on every read; an expired record is deleted and
-  treated as absent. Redis expiry mirrors them, so abandoned records disappear too;
+- idle and absolute timeouts, and an earlier end the IdP set (SAML SessionNotOnOrAfter),
+  are enforced on every read; an expired record is deleted and treated as absent. Redis
+  expiry mirrors them, so abandoned records disappear too;
 - logout deletes the session; "logout everywhere" deletes every session of the principal
   (the store keeps a set of session keys per principal);
 - when the store cannot answer (Redis down), reads raise `AuthError` 503: fail closed,
@@ -378,24 +379,33 @@ class SessionManager:
         return verify_cookie_value(self._keys, value) if value is not None else None
 
     async def create(
-        self, principal: Principal, *, previous_cookie_header: str | None = None
+        self,
+        principal: Principal,
+        *,
+        previous_cookie_header: str | None = None,
+        ends_at: float | None = None,
     ) -> str:
         """Start a session for `principal` with a fresh id; end the browser's previous
-        session, if any. Returns the cookie value."""
+        session, if any. `ends_at` (seconds since the epoch) ends it before the absolute
+        timeout: a SAML IdP's SessionNotOnOrAfter. Returns the cookie value."""
         previous = self.session_id_from(previous_cookie_header)
         if previous is not None:
             await self.end(previous)
         now = self._clock()
         # The session outlives the ID token (as with any OIDC client); it is bounded by
-        # the absolute timeout instead, and that is what the principal says.
-        stored = msgspec.structs.replace(principal, expires_at=now + self.config.absolute_timeout)
+        # the absolute timeout instead, or earlier when the IdP says so, and that is what
+        # the principal says.
+        end = now + self.config.absolute_timeout
+        if ends_at is not None:
+            end = min(end, ends_at)
+        stored = msgspec.structs.replace(principal, expires_at=end)
         record = SessionRecord(principal=stored, created_at=now, last_seen=now)
         session_id = _b64(secrets.token_bytes(SESSION_ID_BYTES))
         await self.store.save(
             session_key(session_id),
             _record_encoder.encode(record),
             owner_key(principal),
-            ttl=self.config.idle_timeout,
+            ttl=min(self.config.idle_timeout, end - now),
             owner_ttl=self.config.absolute_timeout,
         )
         return sign_session_id(self._keys[0], session_id)
@@ -415,12 +425,15 @@ class SessionManager:
         now = self._clock()
         age = now - record.created_at
         idle = now - record.last_seen
-        if age >= self.config.absolute_timeout or idle >= self.config.idle_timeout:
+        # The principal's expiry is the absolute timeout, or the IdP's earlier end.
+        ends_at = record.principal.expires_at
+        left = ends_at - now if ends_at is not None else self.config.absolute_timeout - age
+        if age >= self.config.absolute_timeout or idle >= self.config.idle_timeout or left <= 0:
             await self.store.delete(key, owner_key(record.principal))
             return None
         if idle >= self.config.touch_interval:
             record = msgspec.structs.replace(record, last_seen=now)
-            remaining = min(self.config.idle_timeout, self.config.absolute_timeout - age)
+            remaining = min(self.config.idle_timeout, self.config.absolute_timeout - age, left)
             await self.store.update(key, _record_encoder.encode(record), remaining)
         return record
 

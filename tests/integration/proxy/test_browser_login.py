@@ -8,6 +8,7 @@ import asyncio
 import http.client
 import json
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,3 +237,105 @@ def test_opaque_tokens_are_introspected(
             authorization="Bearer not-a-token-we-issued",
         )
         assert status == 401
+
+
+def _sign_in(proxy: RunningProxy, browser: Browser) -> str:
+    """Walk `browser` through the OIDC login; the session cookie's name."""
+    status, location, _ = browser.get(f"{proxy.url}/_sidecar/oauth2/start?rd=/x")
+    for _ in range(3):  # start -> provider -> callback -> back to /x
+        assert status == 302, location
+        if location == f"{proxy.url}/x":
+            break
+        status, location, _ = browser.get(location)
+    assert location == f"{proxy.url}/x"
+    (name,) = [name for name in browser.cookies if "session" in name]
+    return name
+
+
+def test_sign_out_through_the_proxy_ends_the_session(proxy: RunningProxy) -> None:
+    browser = Browser()
+    name = _sign_in(proxy, browser)
+    stolen = browser.cookies[name]
+    assert browser.get(f"{proxy.url}/x", accept="application/json")[0] == 200
+    status, location, _ = browser.get(f"{proxy.url}/_sidecar/oauth2/sign_out?rd=/bye")
+    assert status == 302
+    assert location == f"{proxy.url}/bye"
+    assert name not in browser.cookies
+    # The session is over on the server, not only forgotten by this browser: a copy of
+    # the cookie (another tab, a stolen one) no longer signs anyone in.
+    replayed = Browser(cookies={name: stolen})
+    assert replayed.get(f"{proxy.url}/x", accept="application/json")[0] == 401
+
+
+def test_sign_out_everywhere_through_the_proxy(proxy: RunningProxy) -> None:
+    laptop, phone = Browser(), Browser()
+    name = _sign_in(proxy, laptop)
+    _sign_in(proxy, phone)
+    connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+    connection.request(
+        "POST", "/_sidecar/oauth2/sign_out", body=b"everywhere=true&rd=/bye",
+        headers={
+            "Content-Type": "application/x-www-form-urlencoded",
+            "Cookie": f"{name}={laptop.cookies[name]}",
+        },
+    )  # fmt: skip
+    response = connection.getresponse()
+    response.read()
+    connection.close()
+    assert response.status == 302
+    # alice's session on the other device has ended too.
+    assert phone.get(f"{proxy.url}/x", accept="application/json")[0] == 401
+
+
+def test_saml_session_ends_when_the_idp_says(echo_upstream: str, tmp_path: Path) -> None:
+    """SessionNotOnOrAfter in the assertion bounds the session the proxy starts."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    idp = SamlIdentityProvider(tmp_path, IDP_ENTITY, make_keypair(keys, "idp"))
+    sp = make_keypair(keys, "sp")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/_sidecar/saml"
+    auth = {
+        "sessions": {"signing_keys": ["k" * 40]},
+        "saml": {
+            "entity_id": f"{base}/metadata",
+            "acs_url": f"{base}/acs",
+            "metadata_url": f"{base}/metadata",
+            "idp_entity_id": IDP_ENTITY,
+            "idp_metadata_file": str(idp.metadata_file),
+            "sp_key_file": sp.key_file,
+            "sp_cert_file": sp.cert_file,
+            "cookie_secure": False,
+        },
+    }
+    with run_proxy(tmp_path / "proxy", echo_upstream, extra={"auth": auth}, port=port) as proxy:
+        browser = Browser()
+        idp.trust_sp(browser.get(f"{base}/metadata", accept="application/xml")[2])
+        status, location, _ = browser.get(f"{base}/login?return_to=/x")
+        assert status == 302
+        session_end = time.time() + 3
+        answer = idp.respond(
+            idp.receive(location),
+            session_not_on_or_after=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(session_end)),
+        )
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request(
+            "POST", "/_sidecar/saml/acs", body=urlencode(post_body(answer)).encode(),
+            headers={
+                "Content-Type": "application/x-www-form-urlencoded",
+                "Cookie": "; ".join(f"{k}={v}" for k, v in browser.cookies.items()),
+            },
+        )  # fmt: skip
+        response = connection.getresponse()
+        response.read()
+        connection.close()
+        assert response.status == 302
+        (session,) = [h for h in response.headers.get_all("Set-Cookie") or [] if "session" in h]
+        name, _, rest = session.partition("=")
+        browser.cookies[name] = rest.split(";")[0]
+        assert browser.get(f"{proxy.url}/x", accept="application/json")[0] == 200
+        # The IdP ended the session: from then on the cookie is no login (it used to
+        # last the proxy's own 12 hours).
+        while time.time() < session_end + 1:
+            time.sleep(0.2)
+        assert browser.get(f"{proxy.url}/x", accept="application/json")[0] == 401

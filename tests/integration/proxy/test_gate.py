@@ -210,6 +210,32 @@ def test_forward_authorization_passes_the_verified_token_on(
     assert headers["x-auth-request-user"] == "alice"
 
 
+def test_forward_authorization_refuses_a_second_authorization_header(
+    echo_upstream: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # The proxy verifies the first; an upstream reading the last would act on a token
+    # nobody checked. Two Authorization fields are malformed (RFC 9110 5.3): refused.
+    directory = tmp_path_factory.mktemp("forwarding-twice")
+    key = JsonWebKey.generate_key("RSA", 2048, is_private=True, options={"kid": "k1"})
+    keyset = directory / "jwks.json"
+    keyset.write_text(json.dumps({"keys": [key.as_dict(is_private=False)]}))
+    issuer = {"issuer": ISSUER, "audiences": [AUDIENCE], "key_file": str(keyset)}
+    extra = {"auth": {"jwt_issuers": [issuer], "forward_authorization": True}}
+    alice = Issuer(key).token("alice", [])
+    with run_proxy(directory, echo_upstream, extra=extra) as proxy:
+        for second in ("Bearer forged", f"Bearer {alice}", "Basic YWRtaW46YWRtaW4="):
+            reply = get(
+                proxy.port,
+                "/anything",
+                headers=f"Authorization: Bearer {alice}\r\nauthorization: {second}\r\n",
+            )
+            assert reply.status == 400, reply.body
+            assert reply.json()["error"] == "duplicate_authorization"
+        # One Authorization header is passed on as before.
+        reply = get(proxy.port, "/anything", headers=f"Authorization: Bearer {alice}\r\n")
+        assert reply.status == 200, reply.body
+
+
 def test_role_from_policy_file_allows_read(gated: GatedProxy) -> None:
     assert gated.call("GET", "/sales/orders.json", gated.issuer.token("dave", [])).status == 200
 

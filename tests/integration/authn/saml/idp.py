@@ -164,6 +164,7 @@ class IdentityProvider:
         attributes: Mapping[str, Sequence[str]] | None = None,
         sign_assertion: bool = True,
         sign_response: bool = False,
+        session_not_on_or_after: str | None = None,
     ) -> str:
         """A real authn response (XML) to the request, signed as asked."""
         identity = {k: list(v) for k, v in (attributes or {}).items()}
@@ -178,6 +179,7 @@ class IdentityProvider:
             sign_response=sign_response,
             sign_alg=SIG_RSA_SHA256,
             digest_alg=DIGEST_SHA256,
+            session_not_on_or_after=session_not_on_or_after,
         )
         return str(xml)
 

@@ -147,6 +147,26 @@ async def test_absolute_timeout_ends_even_an_active_session() -> None:
     assert await authenticator.authenticate(cookie(manager, value)) is None
 
 
+async def test_an_earlier_end_set_by_the_idp_ends_an_active_session() -> None:
+    clock = Clock()
+    manager = make(clock)
+    authenticator = SessionAuthenticator(manager)
+    value = await manager.create(ALICE, ends_at=clock.now + 1000)
+    principal = await authenticator.authenticate(cookie(manager, value))
+    assert principal is not None
+    assert principal.expires_at == clock.now + 1000
+    for _ in range(3):  # active all along: the idle timeout never strikes
+        clock.now += 300
+        assert await authenticator.authenticate(cookie(manager, value)) is not None
+    clock.now += 100
+    assert await authenticator.authenticate(cookie(manager, value)) is None
+    # An end after the absolute timeout changes nothing.
+    late = await manager.create(ALICE, ends_at=clock.now + 10 * 3600)
+    principal = await authenticator.authenticate(cookie(manager, late))
+    assert principal is not None
+    assert principal.expires_at == clock.now + 3600
+
+
 async def test_login_replaces_the_browsers_previous_session() -> None:
     manager = make(Clock())
     authenticator = SessionAuthenticator(manager)
