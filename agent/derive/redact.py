@@ -266,6 +266,7 @@ class _SqlSyntax:
         backslash_escapes: bool,
         double_quoted_strings: bool,
         *,
+        bracketed_names: bool = False,
         comments: Mapping[str, str | None],
         nested_comments: bool,
         dash_comment_needs_boundary: bool,
@@ -302,8 +303,13 @@ class _SqlSyntax:
             + _sql_quoted("'", "s_close", backslash_escapes)
             + ")"
             "|(?P<double>" + double + ")"
-            "|(?P<backquoted>" + _sql_quoted("`", "b_close", False) + ")"
-            r"|(?P<dollar>(?<![\w$])\$(?:[^\W\d]\w*+)?\$)"
+            "|(?P<backquoted>"
+            + _sql_quoted("`", "b_close", False)
+            + ")"
+            # T-SQL's and SQLite's [name] (a `]` inside is doubled); elsewhere `[` is a
+            # subscript or an array, never a quote.
+            + (r"|(?P<bracketed>\[(?:[^\]]++|\]\])*+(?P<k_close>\])?)" if bracketed_names else "")
+            + r"|(?P<dollar>(?<![\w$])\$(?:[^\W\d]\w*+)?\$)"
             r"|(?P<name>(?<![\w$])(?=[\w$]*?" + _CANDIDATE_PIECES + ")" + _SQL_WORD + ")",
         )
 
@@ -355,6 +361,7 @@ def _sql_syntax(dialect: str | None) -> _SqlSyntax:
     return _SqlSyntax(
         backslash_escapes="\\" in tokenizer.STRING_ESCAPES,
         double_quoted_strings='"' in tokenizer.QUOTES and '"' not in tokenizer.IDENTIFIERS,
+        bracketed_names=tokenizer._IDENTIFIERS.get("[") == "]",
         # Every comment the tokenizer reads (its COMMENTS, the hint opener, Jinja's `{#`).
         comments=tokenizer._COMMENTS,
         nested_comments=tokenizer.NESTED_COMMENTS,
@@ -448,7 +455,7 @@ def redact_sql(sql: str, dialect: str | None = None) -> str:
 
 
 _CLOSE_GROUPS = {"e_string": "e_close", "string": "s_close", "double": "d_close",
-                 "backquoted": "b_close"}  # fmt: skip
+                 "backquoted": "b_close", "bracketed": "k_close"}  # fmt: skip
 
 
 class _Literal(msgspec.Struct, frozen=True):
@@ -483,6 +490,11 @@ def _read_literal(sql: str, token: re.Match[str], syntax: _SqlSyntax) -> _Litera
         closing = "" if closing_at < 0 else text
         return _Literal(kind, text, sql[end:content_end], closing, content_end + len(closing),
                         quote="", backslash_escapes=False, is_name=False)  # fmt: skip
+    if kind == "bracketed":
+        closing = "]" if token["k_close"] is not None else ""
+        return _Literal(kind, "[", text[1 : len(text) - len(closing)], closing,
+                        end if closing else len(sql), quote="]", backslash_escapes=False,
+                        is_name=True)  # fmt: skip
     quote = text[-1] if kind in ("double", "backquoted") else "'"
     opening = text[: text.index(quote) + 1]
     closing = quote if token[_CLOSE_GROUPS[kind]] is not None else ""
