@@ -209,7 +209,7 @@ def _derive(sql: str, dialect: str | None) -> SqlLineage | SqlUnparsed:
     default_db: str | None = None
     understood = 0
     for number, raw in enumerate(statements, start=1):
-        statement = normalize_identifiers(raw, dialect=dialect)
+        statement = normalize_identifiers(_in_tables_as_queries(raw), dialect=dialect)
         if isinstance(statement, exp.Use):
             default_db = _use_target(statement)
             understood += 1
@@ -234,6 +234,36 @@ def _derive(sql: str, dialect: str | None) -> SqlLineage | SqlUnparsed:
     if understood == 0:
         return SqlUnparsed(reason="; ".join(facts.skipped_notes()))
     return facts.result()
+
+
+def _in_tables_as_queries(statement: exp.Expr) -> exp.Expr:
+    """`x IN name` written as the query SQLite (and ClickHouse) read it as:
+    `x IN (SELECT * FROM name)`.
+
+    sqlglot keeps the right operand of an unparenthesized IN as a column (or, for `IN
+    'name'`, a string), but SQLite looks it up as a table (or a CTE) and reads every row
+    of it: a membership test on a table no FROM names. Read here as a table in every
+    dialect; where a dialect takes no table there, the statement fails in the database.
+    """
+    for node in list(statement.find_all(exp.In)):
+        field = node.args.get("field")
+        if isinstance(field, exp.Column):
+            parts = [part.copy() for part in field.parts]
+        elif isinstance(field, exp.Literal) and field.is_string:
+            parts = [exp.to_identifier(field.this, quoted=True)]
+        else:
+            continue
+        # Deeper than catalog.db.table: the extra qualifiers are kept in the catalog part,
+        # so the name still reads as another database's (and is refused as one).
+        qualifiers = [part.name for part in parts[:-2]]
+        table = exp.Table(
+            this=parts[-1],
+            db=parts[-2] if len(parts) > 1 else None,
+            catalog=exp.to_identifier(".".join(qualifiers), quoted=True) if qualifiers else None,
+        )
+        node.set("field", None)
+        node.set("query", exp.Subquery(this=exp.select("*").from_(table)))
+    return statement
 
 
 def _count_nodes(statement: exp.Expr) -> int:
