@@ -207,7 +207,12 @@ def caller_from_headers(
         raise ApiError(401, "unauthenticated", "no verified identity reached the lineage API")
     if len(principals) > 1 or len(headers.getall(roles_header, [])) > 1:
         raise ApiError(400, "bad_identity", "identity headers appear more than once")
-    principal = principals[0].strip()
+    # Percent-encoded by the proxy like the roles (`proxy.gate.header_value`): decoded,
+    # it is the very principal the proxy decided on.
+    try:
+        principal = unquote(principals[0].strip(), errors="strict")
+    except UnicodeDecodeError:
+        raise ApiError(400, "bad_identity", "the principal is not percent-encoded UTF-8") from None
     if len(principal) > MAX_PRINCIPAL_CHARS or not _printable(principal):
         raise ApiError(400, "bad_identity", "the principal header is not a valid identity")
     roles: list[str] = []

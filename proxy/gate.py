@@ -81,13 +81,23 @@ class Refusal(Exception):
 
 def header_value(text: str) -> bytes:
     """Printable ASCII passes; anything else (CR, LF, NUL, non-ASCII, and ',' which
-    separates list items) is percent-encoded, so no identity value can break a header."""
-    if text.isascii() and text.isprintable() and "," not in text and "%" not in text:
+    separates list items) is percent-encoded, so no identity value can break a header.
+    So is a space at either end: HTTP drops a value's outer blanks, and a list reader
+    trims each item's, which would make `carol ` arrive as `carol`, another identity."""
+    if (
+        text.isascii()
+        and text.isprintable()
+        and "," not in text
+        and "%" not in text
+        and text[:1] != " "
+        and text[-1:] != " "
+    ):
         return text.encode("ascii")
     out = []
-    for char in text:
+    last = len(text) - 1
+    for index, char in enumerate(text):
         code = ord(char)
-        if 0x20 <= code < 0x7F and char not in ",%":
+        if 0x20 <= code < 0x7F and char not in ",%" and not (char == " " and index in (0, last)):
             out.append(char)
         else:
             out.extend(f"%{byte:02X}" for byte in char.encode("utf-8", "surrogatepass"))

@@ -615,7 +615,9 @@ class ProxyWorker:
         roles_header = names.roles if names else "X-Auth-Request-Roles"
 
         def principal_of(request: web.Request) -> str | None:
-            return request.headers.get(user_header)
+            # Percent-encoded by the gate (`header_value`), as the roles are.
+            value = request.headers.get(user_header)
+            return unquote(value) if value is not None else None
 
         def roles_of(request: web.Request) -> list[str]:
             value = request.headers.get(roles_header, "")

@@ -37,6 +37,7 @@ from agent.events import (
 )
 from agent.openapi import HiddenNode, LineageGraphView
 from agent.store.queries import Graph, GraphEdge, GraphNode
+from proxy.gate import header_value
 
 T0 = datetime(2026, 11, 20, 9, 30, tzinfo=UTC)
 RUN = uuid.UUID(int=7)
@@ -80,6 +81,26 @@ def test_missing_or_ambiguous_identity_is_refused(
     with pytest.raises(ApiError) as refused:
         caller_from_headers(headers(*pairs), USER, ROLES)
     assert refused.value.status == status
+
+
+identity_texts = st.text(
+    st.characters(exclude_categories=["Cs", "Cc", "Cf", "Zl", "Zp", "Co", "Cn"]),
+    min_size=1,
+    max_size=30,
+).filter(str.isprintable)
+
+
+@settings(max_examples=300)
+@given(principal=identity_texts, roles=st.lists(identity_texts, max_size=5))
+def test_the_api_reads_back_exactly_the_identity_the_proxy_sent(
+    principal: str, roles: list[str]
+) -> None:
+    # As the gate writes the headers, and as HTTP delivers them: outer blanks dropped.
+    sent = headers(
+        (USER, header_value(principal).decode("ascii").strip(" \t")),
+        (ROLES, b",".join(header_value(r) for r in roles).decode("ascii").strip(" \t")),
+    )
+    assert caller_from_headers(sent, USER, ROLES) == Caller(id=principal, roles=tuple(roles))
 
 
 # --- node parameters --------------------------------------------------------------------

@@ -1,0 +1,90 @@
+"""SQL authorized table by table in front of a real data service (Datasette on SQLite):
+what the service would actually read is what the policy must see."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from urllib.parse import quote
+
+import pytest
+from authlib.jose import JsonWebKey
+
+from tests.integration.proxy.conftest import RunningProxy, run_proxy
+from tests.integration.proxy.rawhttp import Reply, get
+from tests.integration.proxy.test_gate import AUDIENCE, ISSUER, MODEL, POLICY, ROUTES, Issuer
+
+
+@dataclass
+class DatasetteGate:
+    proxy: RunningProxy
+    issuer: Issuer
+
+    def sql(self, sql: str) -> Reply:
+        token = self.issuer.token("alice", ["analyst"])
+        return get(
+            self.proxy.port,
+            f"/sales.json?sql={quote(sql)}&_shape=array",
+            headers=f"Authorization: Bearer {token}\r\n",
+        )
+
+
+@pytest.fixture(scope="module")
+def datasette_gate(
+    datasette_upstream: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[DatasetteGate]:
+    directory = tmp_path_factory.mktemp("datasette-gate")
+    key = JsonWebKey.generate_key("RSA", 2048, is_private=True, options={"kid": "k1"})
+    keyset = directory / "jwks.json"
+    keyset.write_text(json.dumps({"keys": [key.as_dict(is_private=False)]}))
+    policy_dir = directory / "policies"
+    policy_dir.mkdir()
+    (policy_dir / "model.conf").write_text(MODEL)
+    (policy_dir / "policy.csv").write_text(POLICY)
+    (policy_dir / "routes.yaml").write_text(ROUTES)
+    extra = {
+        "auth": {
+            "jwt_issuers": [
+                {
+                    "issuer": ISSUER,
+                    "audiences": [AUDIENCE],
+                    "key_file": str(keyset),
+                    "roles_claim": "roles",
+                }
+            ]
+        },
+        "policy": {
+            "model": str(policy_dir / "model.conf"),
+            "policies": [str(policy_dir / "policy.csv")],
+            "routes": str(policy_dir / "routes.yaml"),
+        },
+    }
+    with run_proxy(directory, datasette_upstream, extra=extra) as proxy:
+        yield DatasetteGate(proxy, Issuer(key))
+
+
+def test_an_allowed_table_is_served(datasette_gate: DatasetteGate) -> None:
+    reply = datasette_gate.sql("select count(*) as n from orders")
+    assert reply.status == 200, reply.body
+    assert reply.json() == [{"n": 4}]
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "select * from secret",
+        # SQLite reads `x IN table` as `x IN (SELECT * FROM table)`: a membership oracle
+        # on every row of the denied table, in each spelling SQLite takes for a table name.
+        "select (1, 1, 50000.0) in secret as hit",
+        "select (1, 1, 50000.0) in main.secret as hit",
+        "select (1, 1, 50000.0) in 'secret' as hit",
+        'select (1, 1, 50000.0) not in "SECRET" as hit',
+        "select (1, 1, 50000.0) in [secret] as hit",
+        "select id from customers where (id, id, 50000.0) in secret",
+    ],
+)
+def test_a_denied_table_is_never_read_through_sql(datasette_gate: DatasetteGate, sql: str) -> None:
+    reply = datasette_gate.sql(sql)
+    assert reply.status == 403, (sql, reply.status, reply.body)
+    assert "dataset:sales.secret" in reply.json()["message"]
