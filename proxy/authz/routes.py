@@ -34,6 +34,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Final, Literal, TypeAlias, cast
+from urllib.parse import unquote_plus
 
 import msgspec
 import yaml
@@ -138,6 +139,9 @@ class Route:
     sql: SqlSource | None = None
     allow_encoded_slash: bool = False
     allow_path_params: bool = False
+    # The upstream undoes Datasette's tilde encoding in path segments (`~73` is `s`, `+` a
+    # space): placeholders are decoded the same way, so the resource names what it serves.
+    tilde_decode: bool = False
 
     @property
     def case_insensitive(self) -> bool:
@@ -236,6 +240,8 @@ class RouteTable:
                     f"';' path parameters are not allowed on route {route.name!r}",
                     code="path_params",
                 )
+            if route.tilde_decode:
+                params = _tilde_decoded(params, route)
             resource = path.path if route.resource is None else route.resource.render(params)
             return RouteMatch(route, resource, route.action, params, path)
         return None
@@ -249,6 +255,34 @@ class RouteTable:
         """
         path = normalize_path(raw_target, self.path_options)
         return path, self.match(method, path)
+
+
+def tilde_decode(value: str) -> str:
+    """A path segment as Datasette reads it: its `tilde_decode`, which turns `~` into `%`
+    and then unquotes with `+` as a space, a literal `%` kept. So `~73ecret` is `secret`,
+    `a+b` is `a b`, and a `~` without two hex digits after it reads as `%`.
+
+    Raises ValueError when the decoded bytes are not UTF-8 (Datasette would put U+FFFD in
+    the name; refusing is the safe reading of a name nobody can be allowed by)."""
+    if "~" not in value and "+" not in value:
+        return value
+    # A literal "%" is never part of an escape: the pieces between them decode on their own
+    # (Datasette protects them with a random token, to the same effect).
+    try:
+        pieces = [
+            unquote_plus(piece.replace("~", "%"), errors="strict") for piece in value.split("%")
+        ]
+    except UnicodeDecodeError:
+        raise ValueError("tilde-encoded bytes that are not UTF-8") from None
+    return "%".join(pieces)
+
+
+def _tilde_decoded(params: Mapping[str, str], route: Route) -> dict[str, str]:
+    try:
+        return {name: tilde_decode(value) for name, value in params.items()}
+    except ValueError as exc:
+        reason = f"{exc} in a path on route {route.name!r}"
+        raise PathRejected(reason, code="tilde_encoding") from None
 
 
 def _index(routes: Iterable[Route]) -> _MethodIndex:
@@ -427,7 +461,7 @@ def _share_method(a: Route, b: Route) -> bool:
 
 # -- loading route files --------------------------------------------------------------------
 
-_TOP_KEYS: Final = frozenset({"version", "routes"})
+_TOP_KEYS: Final = frozenset({"version", "routes", "tilde_decode"})
 _ROUTE_KEYS: Final = frozenset(
     {
         "name",
@@ -441,6 +475,7 @@ _ROUTE_KEYS: Final = frozenset(
         "allow_encoded_slash",
         "allow_path_params",
         "raw_path_policy",
+        "tilde_decode",
     }
 )
 _SQL_KEYS: Final = frozenset({"from", "param", "dialect", "tables"})
@@ -507,6 +542,8 @@ class _RouteFileReader:
     def __init__(self, source: str) -> None:
         self.source = source
         self.seen: set[int] = set()
+        # The file's default for routes that do not say (its top-level `tilde_decode`).
+        self.tilde_decode = False
 
     def error(self, node: yaml.Node, reason: str) -> RouteError:
         return RouteError(self.source, node.start_mark.line + 1, reason)
@@ -558,6 +595,8 @@ class _RouteFileReader:
                 raise self.error(
                     version_node, f"unsupported route file version {version} (expected 1)"
                 )
+        if "tilde_decode" in fields:
+            self.tilde_decode = self.boolean(fields["tilde_decode"], "tilde_decode")
         if "routes" not in fields:
             raise self.error(root, "the route file needs a 'routes' list")
         routes_node = self.visit(fields["routes"])
@@ -588,7 +627,13 @@ class _RouteFileReader:
                 raise self.error(node, f"route is missing {required!r}")
         flags = {
             key: self.boolean(fields[key], key)
-            for key in ("public", "case_insensitive", "allow_encoded_slash", "allow_path_params")
+            for key in (
+                "public",
+                "case_insensitive",
+                "allow_encoded_slash",
+                "allow_path_params",
+                "tilde_decode",
+            )
             if key in fields
         }
         path_node = fields["path"]
@@ -648,6 +693,7 @@ class _RouteFileReader:
             sql=self.sql(fields["sql"], template.names) if "sql" in fields else None,
             allow_encoded_slash=flags.get("allow_encoded_slash", False),
             allow_path_params=flags.get("allow_path_params", False),
+            tilde_decode=flags.get("tilde_decode", self.tilde_decode),
         )
 
     def methods(self, node: yaml.Node) -> frozenset[str] | None:

@@ -10,7 +10,7 @@ from urllib.parse import quote
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from proxy.authz.paths import PathRejected, normalize_path
@@ -22,6 +22,7 @@ from proxy.authz.routes import (
     RouteTable,
     load_route_file,
     parse_route_file,
+    tilde_decode,
 )
 
 EXAMPLE = Path(__file__).parents[4] / "policies" / "routes.yaml"
@@ -689,3 +690,76 @@ def test_generated_route_sets_pick_the_most_specific_route(
             assert chosen.route in matching
             for other in matching:
                 assert universe[chosen.route.name] <= universe[other.name]
+
+
+# -- Datasette's tilde encoding --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "resource"),
+    [
+        ("/sales/~73ecret.json", "dataset:sales.secret"),
+        ("/sales/secre~74", "dataset:sales.secret"),
+        ("/~73ales/secret.csv", "dataset:sales.secret"),
+        ("/sales/~73ecret/1.json", "dataset:sales.secret"),
+        ("/sales/my+table.json", "dataset:sales.my table"),
+        # The separator decoded inside a name stays escaped: it cannot pose as another.
+        ("/sales~2Esecret/orders", "dataset:sales%2Esecret.orders"),
+        # A literal % (percent-decoded by normalization first) is kept, as Datasette keeps it.
+        ("/sales/a%2541.json", "dataset:sales.a%2541"),
+    ],
+)
+def test_the_shipped_routes_read_names_as_datasette_does(
+    datasette: RouteTable, target: str, resource: str
+) -> None:
+    match = matched(datasette, "GET", target)
+    assert match is not None
+    assert match.resource == resource
+
+
+def test_tilde_encoding_is_opt_in_per_file_and_per_route() -> None:
+    for default, flag, decoded in [
+        ("", "", False),
+        ("tilde_decode: true\n", "", True),
+        ("tilde_decode: true\n", "    tilde_decode: false\n", False),
+        ("", "    tilde_decode: true\n", True),
+    ]:
+        text = (
+            f"version: 1\n{default}routes:\n  - name: plain\n    methods: [GET]\n"
+            f"    path: /a/{{t}}\n    resource: t:{{t}}\n    action: read\n{flag}"
+        )
+        match = matched(parse_route_file(text, "routes.yaml"), "GET", "/a/~78")
+        assert match is not None
+        assert match.resource == ("t:x" if decoded else "t:~78")
+    refused = route_error(
+        "version: 1\ntilde_decode: 1\nroutes:\n"
+        "  - {methods: [GET], path: /, resource: r, action: a}\n"
+    )
+    assert "tilde_decode must be true or false" in str(refused)
+
+
+def test_tilde_encoded_bytes_that_are_not_utf8_are_refused(datasette: RouteTable) -> None:
+    with pytest.raises(PathRejected, match="not UTF-8") as refused:
+        matched(datasette, "GET", "/sales/~FF.json")
+    assert refused.value.code == "tilde_encoding"
+
+
+@settings(max_examples=500)
+@given(
+    st.text(st.characters(exclude_characters="\x00"), max_size=24)
+    | st.from_regex(r"[~+%a-f0-9]{0,16}")
+)
+def test_tilde_decode_is_datasettes_own(value: str) -> None:
+    from datasette.utils import tilde_decode as datasettes
+
+    # A "~" with a literal "%" within two characters after it makes Datasette decode part
+    # of the random token it put in the "%"'s place: its name is then random (and no table).
+    assume(not any("%" in value[i + 1 : i + 3] for i, c in enumerate(value) if c == "~"))
+    theirs = datasettes(value)
+    try:
+        ours = tilde_decode(value)
+    except ValueError:
+        # Where the bytes are not UTF-8, Datasette substitutes U+FFFD; the proxy refuses.
+        assert "\ufffd" in theirs
+    else:
+        assert ours == theirs
