@@ -240,10 +240,11 @@ class RouteTable:
                     f"';' path parameters are not allowed on route {route.name!r}",
                     code="path_params",
                 )
-            if route.tilde_decode:
-                params = _tilde_decoded(params, route)
-            resource = path.path if route.resource is None else route.resource.render(params)
-            return RouteMatch(route, resource, route.action, params, path)
+            names: Mapping[str, str] = (
+                _tilde_decoded(params, route) if route.tilde_decode else params
+            )
+            resource = path.path if route.resource is None else route.resource.render(names)
+            return RouteMatch(route, resource, route.action, names, path)
         return None
 
     def resolve(
@@ -277,7 +278,9 @@ def tilde_decode(value: str) -> str:
     return "%".join(pieces)
 
 
-def _tilde_decoded(params: Mapping[str, str], route: Route) -> dict[str, str]:
+def _tilde_decoded(params: Mapping[str, str], route: Route) -> Mapping[str, str]:
+    if not any("~" in value or "+" in value for value in params.values()):
+        return params  # the common case, on every request: nothing to decode
     try:
         return {name: tilde_decode(value) for name, value in params.items()}
     except ValueError as exc:
