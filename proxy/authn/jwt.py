@@ -132,7 +132,11 @@ class IssuerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     ] = ()
     require_email_verified: Annotated[
         bool,
-        _doc("With allowed_email_domains, also require `email_verified: true` in the token."),
+        _doc(
+            "Pass the email on (identity header) only when the token says `email_verified: "
+            "true`; with allowed_email_domains, refuse tokens without it. false: for issuers "
+            "that never send email_verified (Azure AD), trusting their email claim as is."
+        ),
     ] = True
     allow_insecure_http: Annotated[
         bool, _doc("Allow http:// key URLs. For tests on loopback only.")
@@ -610,11 +614,16 @@ def _principal(payload: Mapping[str, Any], rules: CompiledIssuer) -> Principal:
     domain = email_domain(email) if email is not None else None
     if domain is None:
         email = None
+    verified = payload.get("email_verified") is True
     if rules.email_domains:
         if domain is None or domain not in rules.email_domains:
             raise AuthError("email_domain_not_allowed")
-        if rules.require_email_verified and payload.get("email_verified") is not True:
+        if rules.require_email_verified and not verified:
             raise AuthError("email_not_verified")
+    if rules.require_email_verified and not verified:
+        # An address the issuer does not vouch for is no identity: it is not passed on (the
+        # identity header promises a verified email, as oauth2-proxy's does).
+        email = None
     token_id = payload.get("jti")
     return require_unicode(
         Principal(

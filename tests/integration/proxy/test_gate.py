@@ -173,6 +173,18 @@ def test_role_from_token_allows_read_and_identity_reaches_upstream(gated: GatedP
     assert headers["x-auth-request-issuer"] == ISSUER
 
 
+@pytest.mark.parametrize(("verified", "forwarded"), [(True, True), (False, False), (None, False)])
+def test_only_an_email_the_issuer_vouches_for_reaches_upstream(
+    gated: GatedProxy, verified: bool | None, forwarded: bool
+) -> None:
+    extra = {} if verified is None else {"email_verified": verified}
+    token = gated.issuer.token("alice", ["analyst"], email="alice@corp.com", **extra)
+    reply = gated.call("GET", "/sales/orders.json", token)
+    assert reply.status == 200, reply.body
+    headers = {k.lower(): v for k, v in reply.json()["headers"]}
+    assert headers.get("x-auth-request-email") == ("alice@corp.com" if forwarded else None)
+
+
 def test_the_verified_bearer_token_stays_at_the_proxy(gated: GatedProxy) -> None:
     # The default: the data service gets the identity headers, not a replayable token.
     token = gated.issuer.token("alice", ["analyst"])

@@ -84,6 +84,7 @@ def test_claims_map_to_the_principal_through_configured_paths() -> None:
             realm_access={"roles": ["analyst", "reader"]},
             **{"https://corp.example/groups": ["finance"]},
             email="alice@corp.com",
+            email_verified=True,
             scope="read:sales write:tmp",
             jti="token-17",
         )
@@ -479,6 +480,20 @@ def test_unverified_email_is_refused_by_the_domain_rule() -> None:
     token = sign(claims(email="alice@corp.com", email_verified=False))
     assert rejection(token, _corp_only()).reason == "email_not_verified"
     assert accepted(token, _corp_only(require_email_verified=False)).email == "alice@corp.com"
+
+
+@pytest.mark.parametrize("verified", [None, False, "true", 1])
+def test_an_email_the_issuer_does_not_vouch_for_is_not_passed_on(verified: object) -> None:
+    # Identity headers promise a verified email: anything but `email_verified: true` leaves
+    # the principal without one (the token is still accepted), unless the operator says
+    # the issuer never sends the claim.
+    extra = {} if verified is None else {"email_verified": verified}
+    token = sign(claims(email="alice@corp.com", **extra))
+    assert accepted(token, trusted(issuer_config())).email is None
+    lenient = trusted(issuer_config(require_email_verified=False))
+    assert accepted(token, lenient).email == "alice@corp.com"
+    vouched = sign(claims(email="alice@corp.com", email_verified=True))
+    assert accepted(vouched, trusted(issuer_config())).email == "alice@corp.com"
 
 
 def test_missing_email_is_refused_by_the_domain_rule() -> None:
