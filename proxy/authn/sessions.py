@@ -21,6 +21,7 @@ default `__Host-` name is honoured by browsers.
 from __future__ import annotations
 
 import base64
+import collections
 import hashlib
 import hmac
 import logging
@@ -202,6 +203,10 @@ class RedisSessionStore:
         return value if isinstance(value, bytes) else None
 
 
+# Sign-ins begun and not yet finished that one process keeps without Redis.
+MAX_PENDING_SIGN_INS = 10_000
+
+
 class InProcessSessionStore:
     """`SessionStore` in this process's memory: for a single worker without Redis.
     Sessions are lost on restart and not shared with other workers."""
@@ -215,6 +220,10 @@ class InProcessSessionStore:
         self._values: dict[str, tuple[bytes, float]] = {}
         self._owners: dict[str, set[str]] = {}
         self._writes = 0
+        # Pending sign-ins in the order they began. Anyone may start one, so they are
+        # bounded: past MAX_PENDING_SIGN_INS the oldest is forgotten (its sign-in fails
+        # at the callback), and memory stays bounded under a flood of /start requests.
+        self._pending: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     def _get(self, key: str) -> bytes | None:
         entry = self._values.get(key)
@@ -233,6 +242,8 @@ class InProcessSessionStore:
             now = self._clock()
             for stale in [k for k, (_, until) in self._values.items() if now >= until]:
                 del self._values[stale]
+                if stale.startswith("once:"):
+                    self._pending.pop(stale[5:], None)
             for owner in list(self._owners):
                 self._owners[owner] = {k for k in self._owners[owner] if "s:" + k in self._values}
                 if not self._owners[owner]:
@@ -260,11 +271,18 @@ class InProcessSessionStore:
         return sum(self._values.pop("s:" + key, None) is not None for key in keys)
 
     async def stash(self, key: str, value: bytes, ttl: float) -> None:
+        pending = self._pending
+        pending[key] = None
+        pending.move_to_end(key)
+        while len(pending) > MAX_PENDING_SIGN_INS:
+            oldest, _ = pending.popitem(last=False)
+            self._values.pop("once:" + oldest, None)
         self._put("once:" + key, value, ttl)
 
     async def claim(self, key: str) -> bytes | None:
         value = self._get("once:" + key)
         self._values.pop("once:" + key, None)
+        self._pending.pop(key, None)
         return value
 
 

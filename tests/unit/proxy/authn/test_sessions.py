@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import proxy.authn.sessions as sessions_module
 from proxy.authn.principal import AuthError, Principal
 from proxy.authn.sessions import (
     InProcessSessionStore,
@@ -303,3 +304,21 @@ def test_no_session_cookie_survives_the_forward_filter(header: str) -> None:
     # Every other cookie reads as it did.
     for name in OTHERS:
         assert cookie_from_header(kept, name) == cookie_from_header(header, name)
+
+
+async def test_pending_sign_ins_in_process_are_bounded_oldest_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Anyone can begin a sign-in: without Redis, a flood of /start requests must not grow
+    # the process without bound. The oldest pending sign-ins go first.
+    monkeypatch.setattr(sessions_module, "MAX_PENDING_SIGN_INS", 50)
+    store = InProcessSessionStore()
+    for index in range(200):
+        await store.stash(f"state-{index}", b"pending", 600)
+    assert len(store._values) == 50
+    assert await store.claim("state-149") is None
+    assert await store.claim("state-150") == b"pending"
+    assert await store.claim("state-150") is None  # once only
+    # A claimed one frees its place: one more fits, and the oldest left is not forgotten.
+    await store.stash("state-200", b"pending", 600)
+    assert await store.claim("state-151") == b"pending"
