@@ -25,10 +25,12 @@ the change is announced on Redis when configured, and it is audited. Bad input g
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, TypeVar
@@ -101,6 +103,18 @@ class _Caller:
     principal: str
     roles: tuple[str, ...]
     request_id: str
+
+
+@contextlib.contextmanager
+def _file_lock(target: Path) -> Iterator[None]:
+    """An exclusive advisory lock (flock) on `.<name>.lock` beside `target`, held by one
+    process at a time; released when the block ends or the process dies."""
+    fd = os.open(target.with_name(f".{target.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 class _FileState(msgspec.Struct, frozen=True):
@@ -389,10 +403,15 @@ class _PolicyAdmin:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            info = os.stat(target)
-            if _FileState(info.st_mtime_ns, info.st_size, info.st_ino) != state:
-                raise _Refused(409, "conflict", f"{target} changed meanwhile; retry")
-            os.replace(temporary, target)
+            # The check and the rename under one lock that every process editing this
+            # file takes (the asyncio lock only orders this worker's own changes): two
+            # workers could otherwise both find the file unchanged, and the second rename
+            # would silently undo the first change.
+            with _file_lock(target):
+                info = os.stat(target)
+                if _FileState(info.st_mtime_ns, info.st_size, info.st_ino) != state:
+                    raise _Refused(409, "conflict", f"{target} changed meanwhile; retry")
+                os.replace(temporary, target)
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise

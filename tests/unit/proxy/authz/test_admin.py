@@ -6,10 +6,17 @@ adds exactly one policy line with exactly those fields, leaving every other line
 
 from __future__ import annotations
 
+import os
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import proxy.authz.admin as admin_module
 from proxy.authz.admin import _edit, _reachable, _Refused, _render
 from proxy.authz.engine import PolicyLine, parse_policy_text
 
@@ -127,3 +134,51 @@ def test_reachable_roles_follow_inheritance_and_token_roles() -> None:
 def test_reachable_roles_in_a_domain() -> None:
     lines = [PolicyLine("g", ("alice", "admin", "d1")), PolicyLine("g", ("alice", "viewer", "d2"))]
     assert _reachable(lines, "alice", [], "d2") == {"alice", "viewer"}
+
+
+def test_two_writers_never_both_replace_a_file_they_found_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two workers each read the policy, then replace it if unchanged. Writer A is held
+    # between its check and its rename; writer B, had it got past the check then, would
+    # rename too and A's rename would undo B's change. Under the file lock B waits, finds
+    # the file changed, and gets the 409 instead.
+    policy = tmp_path / "policy.csv"
+    policy.write_bytes(b"p, alice, dataset:a, read, allow\n")
+    info = os.stat(policy)
+    state = admin_module._FileState(info.st_mtime_ns, info.st_size, info.st_ino)
+    writer = cast(admin_module._PolicyAdmin, SimpleNamespace(policy_file=policy))
+    a_inside, b_done = threading.Event(), threading.Event()
+    real_replace = os.replace
+
+    def replace(source: Any, target: Any) -> None:
+        if threading.current_thread().name == "A":
+            a_inside.set()
+            b_done.wait(2)  # B gets in here only without the lock
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    outcome: dict[str, BaseException | None] = {}
+
+    def write(name: str, data: bytes) -> None:
+        try:
+            admin_module._PolicyAdmin._replace(writer, data, state)
+        except BaseException as exc:
+            outcome[name] = exc
+        else:
+            outcome[name] = None
+        if name == "B":
+            b_done.set()
+
+    a = threading.Thread(target=write, args=("A", b"p, a, x, read, allow\n"), name="A")
+    a.start()
+    assert a_inside.wait(30)
+    b = threading.Thread(target=write, args=("B", b"p, b, y, read, allow\n"), name="B")
+    b.start()
+    a.join(30)
+    b.join(30)
+    assert outcome["A"] is None
+    refused = outcome["B"]
+    assert isinstance(refused, _Refused)
+    assert refused.status == 409
+    assert policy.read_bytes() == b"p, a, x, read, allow\n"
