@@ -427,16 +427,25 @@ def _query_edges(
             # An unnamed expression in CTAS: the database invents the column's name.
             continue
         for source in node.walk():
-            if isinstance(source.expression, exp.Table) and source.name:
+            if isinstance(source.expression, exp.Table) and (column := _leaf_column(source.name)):
                 edges.add(
                     ColumnEdge(
                         output_table=target,
                         output_column=output_column,
                         input_table=_table_name(source.expression, default_db),
-                        input_column=source.name.rsplit(".", 1)[-1],
+                        input_column=column,
                     )
                 )
     return edges
+
+
+def _leaf_column(name: str) -> str:
+    """The column a lineage leaf names: sqlglot names it by the column's SQL in its default
+    dialect (`s."Amount"`), qualifier and quotes included; the column itself is `Amount`."""
+    try:
+        return exp.to_column(name).name
+    except SqlglotError:
+        return ""
 
 
 def _assignment_edges(

@@ -303,3 +303,19 @@ def test_many_unsupported_statements_give_a_bounded_reason() -> None:
     assert isinstance(result, SqlUnparsed)
     assert result.reason.endswith("and 1990 more")
     assert len(result.reason) < 1_000
+
+
+@pytest.mark.parametrize(
+    ("sql", "dialect", "expected"),
+    [
+        ('CREATE TABLE t AS SELECT "x" FROM s', "sqlite", {"t.x<-s.x"}),
+        ('CREATE TABLE t AS SELECT o."Amount" AS amt FROM s AS o', "postgres", {"t.amt<-s.Amount"}),
+        ('INSERT INTO t (a) SELECT "a.b" FROM s', "postgres", {"t.a<-s.a.b"}),
+        ("CREATE TABLE t AS SELECT [x y] AS z FROM s", "tsql", {"t.z<-s.x y"}),
+    ],
+)
+def test_quoted_source_column_is_named_without_its_quotes(
+    sql: str, dialect: str, expected: set[str]
+) -> None:
+    # The column is the one the database reads: `"Amount"` names the column Amount.
+    assert edges(lineage_of(sql, dialect)) == expected
