@@ -31,6 +31,7 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.dialects.dialect import Dialect
 from sqlglot.errors import ParseError, SqlglotError, TokenError
+from sqlglot.lineage import Node as LineageNode
 from sqlglot.lineage import lineage
 from sqlglot.optimizer.normalize_identifiers import normalize_identifiers
 
@@ -426,17 +427,41 @@ def _query_edges(
         if not output_column:
             # An unnamed expression in CTAS: the database invents the column's name.
             continue
-        for source in node.walk():
-            if isinstance(source.expression, exp.Table) and (column := _leaf_column(source.name)):
-                edges.add(
-                    ColumnEdge(
-                        output_table=target,
-                        output_column=output_column,
-                        input_table=_table_name(source.expression, default_db),
-                        input_column=column,
-                    )
+        for table, column in _leaf_columns(node):
+            edges.add(
+                ColumnEdge(
+                    output_table=target,
+                    output_column=output_column,
+                    input_table=_table_name(table, default_db),
+                    input_column=column,
                 )
+            )
     return edges
+
+
+def _leaf_columns(root: LineageNode) -> Iterator[tuple[exp.Table, str]]:
+    """The table columns a projection's lineage ends in.
+
+    A leaf under a star (`FROM (SELECT * FROM s) AS c`) is named `*`: the star hands the
+    column on under its own name, the one its parent node asked for (`c.x`), so the source
+    is `s.x`, when the star reads one table; over several, only their schemas could tell.
+    """
+    for node in root.walk():
+        if isinstance(node.expression, exp.Table):
+            column = _leaf_column(node.name)
+            if column and column != "*":
+                yield node.expression, column
+        # One star leaf per source the star reads, tables and subqueries alike.
+        stars = [leaf for leaf in node.downstream if leaf.name == "*"]
+        # The parent is named `<alias>.<column>`; with a dot more, the split is a guess.
+        if (
+            len(stars) == 1
+            and isinstance(stars[0].expression, exp.Table)
+            and node.name.count(".") == 1
+        ):
+            column = node.name.split(".", 1)[1]
+            if column and column != "*":
+                yield stars[0].expression, column
 
 
 def _leaf_column(name: str) -> str:

@@ -319,3 +319,23 @@ def test_quoted_source_column_is_named_without_its_quotes(
 ) -> None:
     # The column is the one the database reads: `"Amount"` names the column Amount.
     assert edges(lineage_of(sql, dialect)) == expected
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        ("CREATE TABLE t AS SELECT c.x FROM (SELECT * FROM s) AS c", {"t.x<-s.x"}),
+        ("CREATE TABLE t AS WITH c AS (SELECT * FROM s) SELECT x AS y FROM c", {"t.y<-s.x"}),
+        ("INSERT INTO t (a) SELECT c.x FROM (SELECT * FROM s WHERE z > 1) c", {"t.a<-s.x"}),
+        # Which of the two tables holds x only their schemas say: no edge rather than two.
+        ("CREATE TABLE t AS SELECT c.x FROM (SELECT * FROM s JOIN r ON s.id = r.id) AS c", set()),
+    ],
+)
+def test_column_through_a_star_is_the_column_of_that_name(sql: str, expected: set[str]) -> None:
+    # A star passes each column on under its own name; it is never a column called "*".
+    assert edges(lineage_of(sql)) == expected
+
+
+def test_star_over_a_table_and_a_subquery_gives_no_edge() -> None:
+    sql = "CREATE TABLE t AS SELECT c.x FROM (SELECT * FROM s, (SELECT 1 AS x) d) AS c"
+    assert edges(lineage_of(sql)) == set()
