@@ -296,6 +296,13 @@ def _statement_facts(
     def name(table: exp.Table) -> TableName:
         return _table_name(table, default_db)
 
+    # An INSERT, UPDATE, DELETE or MERGE inside a WITH clause (PostgreSQL) runs whatever
+    # the outer statement is: its table is written, never merely read.
+    nested = {id(t) for t in _nested_write_targets(statement)}
+    if nested:
+        facts.outputs.update(name(t) for t in tables if id(t) in nested)
+        tables = [t for t in tables if id(t) not in nested]
+
     if isinstance(statement, exp.Query):
         into = statement.args.get("into") if isinstance(statement, exp.Select) else None
         target = into.this if isinstance(into, exp.Into) else None
@@ -344,6 +351,17 @@ def _statement_facts(
             )
         return True
     return False
+
+
+def _nested_write_targets(statement: exp.Expr) -> Iterator[exp.Table]:
+    for node in statement.find_all(exp.Insert, exp.Update, exp.Delete, exp.Merge):
+        if node is statement:
+            continue
+        target = node.this
+        target = target.this if isinstance(target, exp.Schema) else target
+        # MERGE's own WHEN ... THEN UPDATE/INSERT name no table: the MERGE's is the target.
+        if isinstance(target, exp.Table):
+            yield target
 
 
 def _add_tables(

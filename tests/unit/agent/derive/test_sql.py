@@ -339,3 +339,26 @@ def test_column_through_a_star_is_the_column_of_that_name(sql: str, expected: se
 def test_star_over_a_table_and_a_subquery_gives_no_edge() -> None:
     sql = "CREATE TABLE t AS SELECT c.x FROM (SELECT * FROM s, (SELECT 1 AS x) d) AS c"
     assert edges(lineage_of(sql)) == set()
+
+
+@pytest.mark.parametrize(
+    ("sql", "inputs", "outputs"),
+    [
+        ("WITH u AS (UPDATE t SET a = 1 RETURNING *) SELECT * FROM u", set(), {"t"}),
+        (
+            "WITH d AS (DELETE FROM t RETURNING *) INSERT INTO arch SELECT * FROM d",
+            set(),
+            {"t", "arch"},
+        ),
+        ("WITH n AS (INSERT INTO t (a) SELECT x FROM s RETURNING a) SELECT * FROM n", {"s"}, {"t"}),
+        ("WITH u AS (UPDATE t SET a = s.x FROM s RETURNING t.a) SELECT a FROM u", {"s"}, {"t"}),
+    ],
+)
+def test_data_modifying_cte_writes_its_target(
+    sql: str, inputs: set[str], outputs: set[str]
+) -> None:
+    # PostgreSQL runs the UPDATE/DELETE/INSERT of a WITH clause whatever the outer
+    # statement is: its table is written, not merely read.
+    result = lineage_of(sql, "postgres")
+    assert names(result.inputs) == inputs
+    assert names(result.outputs) == outputs
