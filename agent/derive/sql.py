@@ -500,19 +500,27 @@ def _assignment_edges(
     """Edges of UPDATE SET col = expr and MERGE's UPDATE SET / INSERT (cols) VALUES (...).
 
     A source column counts only when it resolves to exactly one source table: by its
-    qualifier (table name or alias), or, unqualified, when there is a single source.
+    qualifier (table name or alias), or, unqualified, when there is a single source and
+    the target's own row is not in scope: an UPDATE SET value outside a subquery may name
+    the target's column (`UPDATE t SET a = b FROM s`: b may be t's), a MERGE INSERT's
+    values may not.
     """
     sources = [t for t in tables if t is not target]
     by_alias = {t.alias_or_name: t for t in sources}
     target_aliases = {target.alias_or_name, target.name}
     target_name = name(target)
-    for column, value in _assignments(statement):
+    for column, value, target_in_scope in _assignments(statement):
         for referenced in value.find_all(exp.Column):
             qualifier = referenced.table
             if qualifier in target_aliases and qualifier not in by_alias:
                 continue
             source = by_alias.get(qualifier) if qualifier else None
-            if source is None and not qualifier and len(sources) == 1:
+            if (
+                source is None
+                and not qualifier
+                and len(sources) == 1
+                and not (target_in_scope and referenced.find_ancestor(exp.Select) is None)
+            ):
                 source = sources[0]
             if source is not None:
                 yield ColumnEdge(
@@ -523,7 +531,8 @@ def _assignment_edges(
                 )
 
 
-def _assignments(statement: exp.Expr) -> Iterator[tuple[str, exp.Expr]]:
+def _assignments(statement: exp.Expr) -> Iterator[tuple[str, exp.Expr, bool]]:
+    """(column, value, whether the target's own row is in the value's scope)."""
     updates: list[exp.Expr] = []
     inserts: list[exp.Insert] = []
     if isinstance(statement, exp.Update):
@@ -539,7 +548,7 @@ def _assignments(statement: exp.Expr) -> Iterator[tuple[str, exp.Expr]]:
     for update in updates:
         for assignment in update.expressions:
             if isinstance(assignment, exp.EQ) and isinstance(assignment.this, exp.Column):
-                yield assignment.this.name, assignment.expression
+                yield assignment.this.name, assignment.expression, True
     for insert in inserts:
         columns, values = insert.this, insert.expression
         if (
@@ -549,4 +558,4 @@ def _assignments(statement: exp.Expr) -> Iterator[tuple[str, exp.Expr]]:
         ):
             for column, value in zip(columns.expressions, values.expressions, strict=True):
                 if isinstance(column, exp.Column):
-                    yield column.name, value
+                    yield column.name, value, False

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -362,3 +364,38 @@ def test_data_modifying_cte_writes_its_target(
     result = lineage_of(sql, "postgres")
     assert names(result.inputs) == inputs
     assert names(result.outputs) == outputs
+
+
+def test_unqualified_column_of_update_from_may_be_the_targets_own() -> None:
+    # SQLite runs this, and b is t's own column: s has none. Without the tables' schemas
+    # an unqualified column of UPDATE ... FROM may be either table's, so no edge is claimed.
+    sql = "UPDATE t SET a = b FROM s WHERE t.id = s.id"
+    database = sqlite3.connect(":memory:")
+    database.executescript(
+        "CREATE TABLE t (id, a, b); CREATE TABLE s (id, x);"
+        "INSERT INTO t VALUES (1, 0, 42); INSERT INTO s VALUES (1, 7);"
+    )
+    database.execute(sql)
+    assert database.execute("SELECT a FROM t").fetchall() == [(42,)]
+    database.close()
+    result = lineage_of(sql, "sqlite")
+    assert names(result.inputs) == {"s"}
+    assert edges(result) == set()
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        # A column inside a subquery is that subquery's table's (when it has one).
+        ("UPDATE t SET a = (SELECT max(x) FROM s)", {"t.a<-s.x"}),
+        # MERGE's INSERT sees only the source row.
+        (
+            "MERGE INTO t USING s ON t.id = s.id WHEN NOT MATCHED THEN INSERT (a) VALUES (x)",
+            {"t.a<-s.x"},
+        ),
+        # Its UPDATE sees both rows.
+        ("MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN UPDATE SET a = x", set()),
+    ],
+)
+def test_unqualified_assignment_sources(sql: str, expected: set[str]) -> None:
+    assert edges(lineage_of(sql, "postgres")) == expected
