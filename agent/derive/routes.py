@@ -8,7 +8,8 @@ and the name is the route's resource without its `dataset:` prefix (`sales.order
 Tables named in the request's SQL live in the same namespace. An unqualified table takes
 the route's dataset (or, for a resource `database:<db>`, that database) as its database
 (`/sales.json` with resource `database:sales` and `SELECT * FROM orders` reads
-`sales.orders`); a qualified one is taken as written.
+`sales.orders`); a qualified one is taken as written, except SQLite's `main.orders`, which
+is that same database's `orders`.
 
 Only requests the upstream actually served contribute lineage: decided `allow` (or not
 subject to a decision) and answered without a 4xx. Every request that names a dataset,
@@ -104,7 +105,9 @@ def request_lineage(
         else tables_and_columns(record.sql, record.sql_dialect, max_bytes=max_sql_bytes)
     )
     if isinstance(sql_result, SqlLineage):
-        reads, writes, columns = _sql_facts(record.service, _sql_database(record), sql_result)
+        reads, writes, columns = _sql_facts(
+            record.service, _sql_database(record), sql_result, record.sql_dialect
+        )
         accesses.update(DatasetAccess(dataset=d, action="read") for d in reads)
         accesses.update(DatasetAccess(dataset=d, action="write") for d in writes)
         problems = sql_result.skipped
@@ -137,12 +140,16 @@ def _sql_database(record: CaptureRecord) -> str | None:
 
 
 def _sql_facts(
-    service: str, database: str | None, sql: SqlLineage
+    service: str, database: str | None, sql: SqlLineage, dialect: str | None
 ) -> tuple[set[DatasetRef], set[DatasetRef], set[ColumnLink]]:
     def dataset(table: TableName) -> DatasetRef:
-        if len(table.parts) == 1 and database is not None:
-            return DatasetRef(namespace=service, name=f"{database}.{table.qualified}")
-        return DatasetRef(namespace=service, name=table.qualified)
+        parts = table.parts
+        if dialect == "sqlite" and len(parts) == 2 and parts[0] == "main":
+            # SQLite's `main` is the database the statement runs in: main.orders is orders.
+            parts = parts[1:]
+        if len(parts) == 1 and database is not None:
+            return DatasetRef(namespace=service, name=f"{database}.{parts[0]}")
+        return DatasetRef(namespace=service, name=".".join(parts))
 
     reads = {dataset(t) for t in sql.inputs}
     writes = {dataset(t) for t in sql.outputs}

@@ -31,6 +31,7 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.dialects.dialect import Dialect
 from sqlglot.errors import ParseError, SqlglotError, TokenError
+from sqlglot.lineage import Node as LineageNode
 from sqlglot.lineage import lineage
 from sqlglot.optimizer.normalize_identifiers import normalize_identifiers
 
@@ -295,6 +296,13 @@ def _statement_facts(
     def name(table: exp.Table) -> TableName:
         return _table_name(table, default_db)
 
+    # An INSERT, UPDATE, DELETE or MERGE inside a WITH clause (PostgreSQL) runs whatever
+    # the outer statement is: its table is written, never merely read.
+    nested = {id(t) for t in _nested_write_targets(statement)}
+    if nested:
+        facts.outputs.update(name(t) for t in tables if id(t) in nested)
+        tables = [t for t in tables if id(t) not in nested]
+
     if isinstance(statement, exp.Query):
         into = statement.args.get("into") if isinstance(statement, exp.Select) else None
         target = into.this if isinstance(into, exp.Into) else None
@@ -343,6 +351,17 @@ def _statement_facts(
             )
         return True
     return False
+
+
+def _nested_write_targets(statement: exp.Expr) -> Iterator[exp.Table]:
+    for node in statement.find_all(exp.Insert, exp.Update, exp.Delete, exp.Merge):
+        if node is statement:
+            continue
+        target = node.this
+        target = target.this if isinstance(target, exp.Schema) else target
+        # MERGE's own WHEN ... THEN UPDATE/INSERT name no table: the MERGE's is the target.
+        if isinstance(target, exp.Table):
+            yield target
 
 
 def _add_tables(
@@ -426,17 +445,50 @@ def _query_edges(
         if not output_column:
             # An unnamed expression in CTAS: the database invents the column's name.
             continue
-        for source in node.walk():
-            if isinstance(source.expression, exp.Table) and source.name:
-                edges.add(
-                    ColumnEdge(
-                        output_table=target,
-                        output_column=output_column,
-                        input_table=_table_name(source.expression, default_db),
-                        input_column=source.name.rsplit(".", 1)[-1],
-                    )
+        for table, column in _leaf_columns(node):
+            edges.add(
+                ColumnEdge(
+                    output_table=target,
+                    output_column=output_column,
+                    input_table=_table_name(table, default_db),
+                    input_column=column,
                 )
+            )
     return edges
+
+
+def _leaf_columns(root: LineageNode) -> Iterator[tuple[exp.Table, str]]:
+    """The table columns a projection's lineage ends in.
+
+    A leaf under a star (`FROM (SELECT * FROM s) AS c`) is named `*`: the star hands the
+    column on under its own name, the one its parent node asked for (`c.x`), so the source
+    is `s.x`, when the star reads one table; over several, only their schemas could tell.
+    """
+    for node in root.walk():
+        if isinstance(node.expression, exp.Table):
+            column = _leaf_column(node.name)
+            if column and column != "*":
+                yield node.expression, column
+        # One star leaf per source the star reads, tables and subqueries alike.
+        stars = [leaf for leaf in node.downstream if leaf.name == "*"]
+        # The parent is named `<alias>.<column>`; with a dot more, the split is a guess.
+        if (
+            len(stars) == 1
+            and isinstance(stars[0].expression, exp.Table)
+            and node.name.count(".") == 1
+        ):
+            column = node.name.split(".", 1)[1]
+            if column and column != "*":
+                yield stars[0].expression, column
+
+
+def _leaf_column(name: str) -> str:
+    """The column a lineage leaf names: sqlglot names it by the column's SQL in its default
+    dialect (`s."Amount"`), qualifier and quotes included; the column itself is `Amount`."""
+    try:
+        return exp.to_column(name).name
+    except SqlglotError:
+        return ""
 
 
 def _assignment_edges(
@@ -448,19 +500,27 @@ def _assignment_edges(
     """Edges of UPDATE SET col = expr and MERGE's UPDATE SET / INSERT (cols) VALUES (...).
 
     A source column counts only when it resolves to exactly one source table: by its
-    qualifier (table name or alias), or, unqualified, when there is a single source.
+    qualifier (table name or alias), or, unqualified, when there is a single source and
+    the target's own row is not in scope: an UPDATE SET value outside a subquery may name
+    the target's column (`UPDATE t SET a = b FROM s`: b may be t's), a MERGE INSERT's
+    values may not.
     """
     sources = [t for t in tables if t is not target]
     by_alias = {t.alias_or_name: t for t in sources}
     target_aliases = {target.alias_or_name, target.name}
     target_name = name(target)
-    for column, value in _assignments(statement):
+    for column, value, target_in_scope in _assignments(statement):
         for referenced in value.find_all(exp.Column):
             qualifier = referenced.table
             if qualifier in target_aliases and qualifier not in by_alias:
                 continue
             source = by_alias.get(qualifier) if qualifier else None
-            if source is None and not qualifier and len(sources) == 1:
+            if (
+                source is None
+                and not qualifier
+                and len(sources) == 1
+                and not (target_in_scope and referenced.find_ancestor(exp.Select) is None)
+            ):
                 source = sources[0]
             if source is not None:
                 yield ColumnEdge(
@@ -471,7 +531,8 @@ def _assignment_edges(
                 )
 
 
-def _assignments(statement: exp.Expr) -> Iterator[tuple[str, exp.Expr]]:
+def _assignments(statement: exp.Expr) -> Iterator[tuple[str, exp.Expr, bool]]:
+    """(column, value, whether the target's own row is in the value's scope)."""
     updates: list[exp.Expr] = []
     inserts: list[exp.Insert] = []
     if isinstance(statement, exp.Update):
@@ -487,7 +548,7 @@ def _assignments(statement: exp.Expr) -> Iterator[tuple[str, exp.Expr]]:
     for update in updates:
         for assignment in update.expressions:
             if isinstance(assignment, exp.EQ) and isinstance(assignment.this, exp.Column):
-                yield assignment.this.name, assignment.expression
+                yield assignment.this.name, assignment.expression, True
     for insert in inserts:
         columns, values = insert.this, insert.expression
         if (
@@ -497,4 +558,4 @@ def _assignments(statement: exp.Expr) -> Iterator[tuple[str, exp.Expr]]:
         ):
             for column, value in zip(columns.expressions, values.expressions, strict=True):
                 if isinstance(column, exp.Column):
-                    yield column.name, value
+                    yield column.name, value, False

@@ -4,13 +4,19 @@ what the service would actually read is what the policy must see."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 from authlib.jose import JsonWebKey
 
+from agent.capture import CaptureRecord
+from agent.derive import Deriver
+from agent.events import RunEvent
+from agent.spool import SpoolReader
 from tests.integration.proxy.conftest import RunningProxy, run_proxy
 from tests.integration.proxy.rawhttp import Reply, get
 from tests.integration.proxy.test_gate import AUDIENCE, ISSUER, MODEL, POLICY, ROUTES, Issuer
@@ -20,6 +26,7 @@ from tests.integration.proxy.test_gate import AUDIENCE, ISSUER, MODEL, POLICY, R
 class DatasetteGate:
     proxy: RunningProxy
     issuer: Issuer
+    spool: Path
 
     def get(self, target: str) -> Reply:
         token = self.issuer.token("alice", ["analyst"])
@@ -65,9 +72,10 @@ def datasette_gate(
             "policies": [str(policy_dir / "policy.csv")],
             "routes": str(policy_dir / "routes.yaml"),
         },
+        "capture": {"spool_dir": str(directory / "spool"), "service": "http://datasette"},
     }
     with run_proxy(directory, datasette_upstream, extra=extra) as proxy:
-        yield DatasetteGate(proxy, Issuer(key))
+        yield DatasetteGate(proxy, Issuer(key), directory / "spool")
 
 
 def test_an_allowed_table_is_served(datasette_gate: DatasetteGate) -> None:
@@ -128,3 +136,30 @@ def test_tilde_encoding_of_bytes_that_are_not_utf8_is_refused(
     assert reply.status == 400
     assert reply.json()["error"] == "bad_path"
     assert "not UTF-8" in reply.json()["message"]
+
+
+def _captured(spool: Path, sql: str) -> CaptureRecord:
+    reader = SpoolReader(spool / "w0")
+    deadline = time.monotonic() + 10
+    try:
+        while time.monotonic() < deadline:
+            for _, record in reader.read_batch(10_000):
+                if record.sql == sql:
+                    return record
+            time.sleep(0.1)
+    finally:
+        reader.close()
+    raise AssertionError(f"no capture record for {sql!r}")
+
+
+def test_sql_on_the_main_schema_is_lineage_of_the_served_database(
+    datasette_gate: DatasetteGate,
+) -> None:
+    # SQLite's `main` is the database Datasette runs the query in: /sales reads sales.orders.
+    sql = f"select count(*) as n from main.orders where {time.time_ns()} > 0"
+    reply = datasette_gate.sql(sql)
+    assert reply.status == 200, reply.body
+    assert reply.json() == [{"n": 4}]
+    events = Deriver().feed(_captured(datasette_gate.spool, sql))
+    (start, *_) = [e for e in events if isinstance(e, RunEvent)]
+    assert [(d.namespace, d.name) for d in start.inputs] == [("http://datasette", "sales.orders")]

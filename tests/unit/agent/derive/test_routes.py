@@ -169,3 +169,15 @@ def test_database_resource_qualifies_unqualified_sql_tables() -> None:
     lineage = request_lineage(record)
     assert [d.name for d in lineage.reads] == ["sales.orders"]
     assert all(access.dataset.name != "sales" for access in lineage.accesses)
+
+
+@pytest.mark.parametrize("table", ["main.orders", "MAIN.orders", '"main"."orders"', "orders"])
+def test_sqlite_main_schema_is_the_routes_database(table: str) -> None:
+    # In SQLite `main` is the database the statement runs in: Datasette's /sales?sql=
+    # reads sales.orders whichever way the query spells it.
+    record = make_record(
+        resource="database:sales", action="read", sql=f"select * from {table}", sql_dialect="sqlite"
+    )
+    lineage = request_lineage(record)
+    assert lineage.reads == (ds("sales.orders"),)
+    assert [a.dataset.name for a in lineage.accesses] == ["sales.orders"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -303,3 +305,97 @@ def test_many_unsupported_statements_give_a_bounded_reason() -> None:
     assert isinstance(result, SqlUnparsed)
     assert result.reason.endswith("and 1990 more")
     assert len(result.reason) < 1_000
+
+
+@pytest.mark.parametrize(
+    ("sql", "dialect", "expected"),
+    [
+        ('CREATE TABLE t AS SELECT "x" FROM s', "sqlite", {"t.x<-s.x"}),
+        ('CREATE TABLE t AS SELECT o."Amount" AS amt FROM s AS o', "postgres", {"t.amt<-s.Amount"}),
+        ('INSERT INTO t (a) SELECT "a.b" FROM s', "postgres", {"t.a<-s.a.b"}),
+        ("CREATE TABLE t AS SELECT [x y] AS z FROM s", "tsql", {"t.z<-s.x y"}),
+    ],
+)
+def test_quoted_source_column_is_named_without_its_quotes(
+    sql: str, dialect: str, expected: set[str]
+) -> None:
+    # The column is the one the database reads: `"Amount"` names the column Amount.
+    assert edges(lineage_of(sql, dialect)) == expected
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        ("CREATE TABLE t AS SELECT c.x FROM (SELECT * FROM s) AS c", {"t.x<-s.x"}),
+        ("CREATE TABLE t AS WITH c AS (SELECT * FROM s) SELECT x AS y FROM c", {"t.y<-s.x"}),
+        ("INSERT INTO t (a) SELECT c.x FROM (SELECT * FROM s WHERE z > 1) c", {"t.a<-s.x"}),
+        # Which of the two tables holds x only their schemas say: no edge rather than two.
+        ("CREATE TABLE t AS SELECT c.x FROM (SELECT * FROM s JOIN r ON s.id = r.id) AS c", set()),
+    ],
+)
+def test_column_through_a_star_is_the_column_of_that_name(sql: str, expected: set[str]) -> None:
+    # A star passes each column on under its own name; it is never a column called "*".
+    assert edges(lineage_of(sql)) == expected
+
+
+def test_star_over_a_table_and_a_subquery_gives_no_edge() -> None:
+    sql = "CREATE TABLE t AS SELECT c.x FROM (SELECT * FROM s, (SELECT 1 AS x) d) AS c"
+    assert edges(lineage_of(sql)) == set()
+
+
+@pytest.mark.parametrize(
+    ("sql", "inputs", "outputs"),
+    [
+        ("WITH u AS (UPDATE t SET a = 1 RETURNING *) SELECT * FROM u", set(), {"t"}),
+        (
+            "WITH d AS (DELETE FROM t RETURNING *) INSERT INTO arch SELECT * FROM d",
+            set(),
+            {"t", "arch"},
+        ),
+        ("WITH n AS (INSERT INTO t (a) SELECT x FROM s RETURNING a) SELECT * FROM n", {"s"}, {"t"}),
+        ("WITH u AS (UPDATE t SET a = s.x FROM s RETURNING t.a) SELECT a FROM u", {"s"}, {"t"}),
+    ],
+)
+def test_data_modifying_cte_writes_its_target(
+    sql: str, inputs: set[str], outputs: set[str]
+) -> None:
+    # PostgreSQL runs the UPDATE/DELETE/INSERT of a WITH clause whatever the outer
+    # statement is: its table is written, not merely read.
+    result = lineage_of(sql, "postgres")
+    assert names(result.inputs) == inputs
+    assert names(result.outputs) == outputs
+
+
+def test_unqualified_column_of_update_from_may_be_the_targets_own() -> None:
+    # SQLite runs this, and b is t's own column: s has none. Without the tables' schemas
+    # an unqualified column of UPDATE ... FROM may be either table's, so no edge is claimed.
+    sql = "UPDATE t SET a = b FROM s WHERE t.id = s.id"
+    database = sqlite3.connect(":memory:")
+    database.executescript(
+        "CREATE TABLE t (id, a, b); CREATE TABLE s (id, x);"
+        "INSERT INTO t VALUES (1, 0, 42); INSERT INTO s VALUES (1, 7);"
+    )
+    database.execute(sql)
+    assert database.execute("SELECT a FROM t").fetchall() == [(42,)]
+    database.close()
+    result = lineage_of(sql, "sqlite")
+    assert names(result.inputs) == {"s"}
+    assert edges(result) == set()
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        # A column inside a subquery is that subquery's table's (when it has one).
+        ("UPDATE t SET a = (SELECT max(x) FROM s)", {"t.a<-s.x"}),
+        # MERGE's INSERT sees only the source row.
+        (
+            "MERGE INTO t USING s ON t.id = s.id WHEN NOT MATCHED THEN INSERT (a) VALUES (x)",
+            {"t.a<-s.x"},
+        ),
+        # Its UPDATE sees both rows.
+        ("MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN UPDATE SET a = x", set()),
+    ],
+)
+def test_unqualified_assignment_sources(sql: str, expected: set[str]) -> None:
+    assert edges(lineage_of(sql, "postgres")) == expected
