@@ -1,8 +1,13 @@
 """The admin listener: liveness, readiness with reasons, and Prometheus metrics.
 
 `/healthz` answers 200 while the process runs. `/readyz` runs every readiness check and
-answers 200 only when all pass, else 503 with the reasons as JSON, so an operator (or a
-Kubernetes probe's log) sees *why*. `/metrics` is the Prometheus text exposition.
+answers with the reasons as JSON, so an operator (or a Kubernetes probe's log) sees *why*:
+503 when one of them means requests cannot be served (the upstream unreachable, a worker
+down, Redis unreachable, the audit log refusing), 200 when every reason is only a
+degradation the proxy serves through (`degraded: ...`: policy files that do not load while
+the last good policy is in force, a full spool under `fail_open`). Taking every replica out
+of a Service for one bad policy edit, or for a lineage outage, would turn a degradation
+into an outage of the data service. `/metrics` is the Prometheus text exposition.
 """
 
 from __future__ import annotations
@@ -20,8 +25,15 @@ from redis.retry import Retry
 
 from proxy.metrics import render
 
-# A readiness check returns None when ready, or the reason it is not.
-ReadinessCheck = Callable[[], Awaitable[str | None]]
+# A readiness check returns the reasons the process is not fully serving, [] when it is.
+ReadinessCheck = Callable[[], Awaitable[list[str]]]
+# A reason that starts so is a degradation served through, not a reason to take traffic away.
+DEGRADED = "degraded: "
+
+
+def serving(reasons: list[str]) -> bool:
+    """Whether requests can be served despite these reasons (all are degradations)."""
+    return all(reason.startswith(DEGRADED) for reason in reasons)
 
 
 class Readiness(msgspec.Struct):
@@ -95,10 +107,11 @@ def admin_app(checks: list[ReadinessCheck], registry: CollectorRegistry | None) 
 
     async def readyz(_: web.Request) -> web.Response:
         results = await asyncio.gather(*(check() for check in checks))
-        reasons = [r for r in results if r is not None]
-        body = encoder.encode(Readiness(ready=not reasons, reasons=reasons))
+        reasons = [reason for result in results for reason in result]
+        ready = serving(reasons)
+        body = encoder.encode(Readiness(ready=ready, reasons=reasons))
         return web.Response(
-            status=200 if not reasons else 503, body=body, content_type="application/json"
+            status=200 if ready else 503, body=body, content_type="application/json"
         )
 
     async def metrics(_: web.Request) -> web.Response:

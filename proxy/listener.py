@@ -44,7 +44,7 @@ from lineage_sidecar.config import (
     parse_listen,
 )
 from proxy.accesslog import AccessLog
-from proxy.admin import RedisProbe
+from proxy.admin import DEGRADED, RedisProbe
 from proxy.audit import AuditEntry, AuditLog
 from proxy.authn.chain import AuthChain, Authenticator, BearerJWT, CookieSession, OpaqueBearer
 from proxy.authn.idp.app import IdentityProvider
@@ -710,15 +710,22 @@ class ProxyWorker:
         )
 
     def readiness(self) -> list[str]:
-        """Reasons this worker is not fully serving (for /readyz), empty when it is."""
+        """Reasons this worker is not fully serving (for /readyz), empty when it is. Those
+        it serves through are marked `degraded: ` (see proxy.admin)."""
         reasons = []
         if self.policy is not None and (problem := self.policy.status()) is not None:
-            reasons.append(problem)
+            # The last good policy decides meanwhile: requests are served.
+            reasons.append(DEGRADED + problem)
         if self.spool is not None:
             if self.spool.is_full:
-                reasons.append("capture spool is full")
+                if self.config.capture is not None and self.config.capture.when_full == "block":
+                    reasons.append("capture spool is full: requests wait for room")
+                else:
+                    reasons.append(DEGRADED + "capture spool is full: new records are dropped")
             if self.spool.last_write_error:
-                reasons.append(f"capture spool cannot write: {self.spool.last_write_error}")
+                reasons.append(
+                    f"{DEGRADED}capture spool cannot write: {self.spool.last_write_error}"
+                )
         if self.audit is not None and self.audit.pending > 100_000:
             reasons.append(f"audit log is behind by {self.audit.pending} decisions")
         if self._redis_problem is not None:

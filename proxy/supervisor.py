@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client import multiprocess as prom_multiprocess
 
 from lineage_sidecar.config import Config, parse_listen, parse_upstream
-from proxy.admin import ReadinessCheck, TCPProbe, admin_app
+from proxy.admin import DEGRADED, ReadinessCheck, TCPProbe, admin_app
 from proxy.authz.store import PolicyLoadError, load_snapshot
 from proxy.listener import ProxyWorker, StartupError, bind_sockets
 from proxy.metrics import ProxyMetrics
@@ -67,12 +67,18 @@ async def start_admin(
 def upstream_probe(config: Config) -> ReadinessCheck:
     if config.proxy.upstream is None:
         # The lineage API runs inside this process: nothing remote to probe.
-        async def inside() -> str | None:
-            return None
+        async def inside() -> list[str]:
+            return []
 
         return inside
     upstream = parse_upstream(config.proxy.upstream)
-    return TCPProbe("upstream", upstream.host, upstream.port)
+    probe = TCPProbe("upstream", upstream.host, upstream.port)
+
+    async def reachable() -> list[str]:
+        problem = await probe()
+        return [] if problem is None else [problem]
+
+    return reachable
 
 
 class Proxy:
@@ -96,9 +102,8 @@ class Proxy:
         self.worker = ProxyWorker(self.config, self.metrics, self.tls_paths, sock)
         worker = self.worker
 
-        async def worker_ready() -> str | None:
-            reasons = worker.readiness()
-            return "; ".join(reasons) if reasons else None
+        async def worker_ready() -> list[str]:
+            return worker.readiness()
 
         try:
             await self.worker.start()
@@ -141,15 +146,21 @@ STATUS_INTERVAL_S = 0.5
 STATUS_BYTES = 2048
 
 
+# Between a worker's reasons in its status (a reason never holds this control character).
+STATUS_SEPARATOR = "\x1e"
+
+
 def publish_status(status: SharedBytes, reasons: list[str]) -> None:
     """Write a worker's readiness reasons where the supervisor reads them ('' = ready)."""
-    text = "; ".join(reasons).encode("utf-8", "replace")[: STATUS_BYTES - 1]
+    clean = [reason.replace(STATUS_SEPARATOR, " ") for reason in reasons]
+    text = STATUS_SEPARATOR.join(clean).encode("utf-8", "replace")[: STATUS_BYTES - 1]
     # Array('c').value stops at the first NUL, so what was longer before does not linger.
     status.value = text
 
 
-def read_status(status: SharedBytes) -> str:
-    return status.value.decode("utf-8", "replace")
+def read_status(status: SharedBytes) -> list[str]:
+    text = status.value.decode("utf-8", "replace")
+    return text.split(STATUS_SEPARATOR) if text else []
 
 
 def _worker_main(
@@ -211,7 +222,7 @@ async def _serve_workers(config: Config, metrics_dir: str) -> None:
         )
         slot.process.start()
 
-    async def workers_ready() -> str | None:
+    async def workers_ready() -> list[str]:
         down = [
             s.index
             for s in slots
@@ -222,9 +233,15 @@ async def _serve_workers(config: Config, metrics_dir: str) -> None:
         ]
         reasons = [f"workers not serving: {down}"] if down else []
         for s in slots:
-            if s.index not in down and s.status is not None and (text := read_status(s.status)):
-                reasons.append(f"worker {s.index}: {text}")
-        return "; ".join(reasons) if reasons else None
+            if s.index in down or s.status is None:
+                continue
+            for reason in read_status(s.status):
+                # The worker's reason keeps its own kind: "degraded: worker 1: ...".
+                if reason.startswith(DEGRADED):
+                    reasons.append(f"{DEGRADED}worker {s.index}: {reason[len(DEGRADED) :]}")
+                else:
+                    reasons.append(f"worker {s.index}: {reason}")
+        return reasons
 
     for slot in slots:
         spawn(slot)
