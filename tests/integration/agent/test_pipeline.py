@@ -199,6 +199,34 @@ async def test_direct_sink_writes_the_same_rows_without_kafka(
     assert snap.edges == expected_edges(marker, range(3))
 
 
+async def test_direct_sink_dead_letters_an_unstorable_event_once_across_a_resend(
+    store_dsn: str, marker: str
+) -> None:
+    # An agent killed after the store committed but before its spool commit derives the
+    # same events again after the restart, into a new batch (a new batch id): the event
+    # PostgreSQL cannot hold must still be one dead letter row, as it is through Kafka.
+    events = reference_events(etl_records(marker, runs=1, per_run=2))
+    access = next(e for e in events if isinstance(e, AccessEvent))
+    unstorable = msgspec.structs.replace(access, principal="nul\x00here")
+    writer = await StoreWriter.connect(store_dsn)
+    sink = DirectSink(writer)
+    try:
+        for _attempt in range(2):
+            builder = BatchBuilder()
+            builder.add(unstorable)
+            await sink.send(builder.build())
+    finally:
+        await sink.close()
+    connection = await asyncpg.connect(store_dsn)
+    try:
+        rows = await connection.fetch("SELECT source, reason FROM dead_letter")
+    finally:
+        await connection.close()
+    assert len(rows) == 1, rows
+    assert "NUL" in rows[0]["reason"]
+    assert str(access.event_id) in rows[0]["source"]
+
+
 async def test_rotating_the_active_key_mid_stream_loses_no_batch(
     tmp_path: Path,
     store_dsn: str,
