@@ -367,9 +367,11 @@ class LineageQueries:
 async def _walk(
     connection: asyncpg.Connection, sql: str, root: int, depth: int, max_nodes: int
 ) -> _Walked:
-    # Each node can appear once per depth, so this row cap only bites on walks far bigger
-    # than max_nodes; when it does, the result is marked truncated.
-    row_cap = max_nodes * (depth + 1)
+    # Each node can appear once per depth, and only the root at depth 0, so a walk over at
+    # most max_nodes nodes has at most 1 + max_nodes * depth rows: reaching this cap proves
+    # more nodes were within reach, and the result is marked truncated. (A cap of
+    # max_nodes * (depth + 1) was reached by one node that feeds itself, max_nodes 1.)
+    row_cap = max_nodes * depth + 2
     rows = await connection.fetch(sql, root, depth, row_cap, max_nodes + 1)
     depths = {row["node_id"]: row["depth"] for row in rows[:max_nodes]}
     walked = rows[0]["walked"] if rows else 0

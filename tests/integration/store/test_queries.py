@@ -100,6 +100,24 @@ async def test_max_nodes_keeps_the_nearest_and_says_truncated(
     assert len(exact.nodes) == 32
 
 
+async def test_a_dataset_that_feeds_itself_is_not_called_truncated(
+    writer: StoreWriter, queries: LineageQueries
+) -> None:
+    # A job that reads and rewrites one table: the walk meets that node at every depth,
+    # which must not pass for more nodes than the budget holds.
+    await write_edges(writer, [("ledger", "ledger")])
+    for direction in ("down", "up", "both"):
+        graph = await queries.lineage_graph(ref("ledger"), direction, depth=3, max_nodes=1)
+        assert names(graph) == {"ledger": 0}
+        assert graph is not None
+        assert not graph.truncated, direction
+    await write_edges(writer, [("ledger", "report")])
+    cut = await queries.lineage_graph(ref("ledger"), "down", depth=3, max_nodes=1)
+    assert names(cut) == {"ledger": 0}
+    assert cut is not None
+    assert cut.truncated
+
+
 async def test_a_long_chain_is_cut_at_the_depth(
     writer: StoreWriter, queries: LineageQueries
 ) -> None:
