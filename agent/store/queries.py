@@ -24,7 +24,7 @@ import asyncpg
 import msgspec
 
 from agent.derive.routes import DatasetRef
-from agent.events import AccessEvent, RunEvent
+from agent.events import AccessEvent, RunEvent, with_sorted_columns
 from agent.store.plan import identity_key
 
 __all__ = [
@@ -236,7 +236,7 @@ class LineageQueries:
                 "SELECT payload::text FROM events_raw WHERE event_id = $1", event_id
             )
             if payload is not None:
-                return msgspec.json.decode(payload, type=RunEvent)
+                return with_sorted_columns(msgspec.json.decode(payload, type=RunEvent))
             row = await connection.fetchrow(
                 """
                 SELECT a.*, d.namespace, d.name
