@@ -346,7 +346,9 @@ def _column_facets(dataset: TrackedDataset) -> DatasetFacets:
                         for f in field.input_fields
                     )
                 )
-                for column, field in lineage.fields.items()
+                # In name order, as the agent derives them: the same columns listed in
+                # another order are the same event, with the same id.
+                for column, field in sorted(lineage.fields.items())
             }
         )
     )

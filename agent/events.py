@@ -179,6 +179,35 @@ class AccessEvent(msgspec.Struct, frozen=True, kw_only=True):
 LineageEvent = RunEvent | AccessEvent
 
 
+def _sorted_facets(facets: DatasetFacets) -> DatasetFacets:
+    lineage = facets.column_lineage
+    if lineage is None or list(lineage.fields) == sorted(lineage.fields):
+        return facets
+    return msgspec.structs.replace(
+        facets,
+        column_lineage=msgspec.structs.replace(
+            lineage, fields=dict(sorted(lineage.fields.items()))
+        ),
+    )
+
+
+def with_sorted_columns(event: RunEvent) -> RunEvent:
+    """The event with each columnLineage facet's columns in name order.
+
+    The order of a JSON object's keys carries no meaning, yet the event id is a hash of
+    the encoding: the agent derives columns in name order, the lineage API puts tracked
+    events in it, and events read back from PostgreSQL (whose jsonb keeps keys in an order
+    of its own) are put back in it, so one event has one id.
+    """
+    inputs = tuple(
+        msgspec.structs.replace(d, facets=_sorted_facets(d.facets)) for d in event.inputs
+    )
+    outputs = tuple(
+        msgspec.structs.replace(d, facets=_sorted_facets(d.facets)) for d in event.outputs
+    )
+    return msgspec.structs.replace(event, inputs=inputs, outputs=outputs)
+
+
 # The version (5) and variant (RFC 4122) bits of a name-based SHA-1 UUID.
 _UUID5_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
 _UUID5_SET = (5 << 76) | (0x8000 << 48)

@@ -5,12 +5,14 @@ wrapped key travels in the batch header, and only a holder of the KEK can unwrap
 providers:
 
 - `LocalKeyring`: KEKs in a JSON file, mode 0600, several keys with one active. `rotate()`
-  adds a new active key and keeps the old ones, so batches sealed before still open. A
-  file that group or others may read or write is refused. Wrapping is AES key wrap
-  (RFC 3394, `cryptography`'s `aes_key_wrap`) rather than AES-GCM: it was made for
-  wrapping keys, needs no nonce (so the number of wraps under one KEK has no birthday
-  bound, unlike GCM's 2**32 random nonces), and its integrity check rejects a wrapped key
-  that was altered or presented to the wrong KEK.
+  adds a new active key and keeps the old ones, so batches sealed before still open; a
+  process using the keyring sees a rotation made by another (`wrap` and, for an unknown
+  key id, `unwrap` look at the file again when it changed). A file that group or others
+  may read or write is refused. Wrapping is AES key wrap (RFC 3394, `cryptography`'s
+  `aes_key_wrap`) rather than AES-GCM: it was made for wrapping keys, needs no nonce (so
+  the number of wraps under one KEK has no birthday bound, unlike GCM's 2**32 random
+  nonces), and its integrity check rejects a wrapped key that was altered or presented to
+  the wrong KEK.
 - `VaultTransitKeyProvider`: HashiCorp Vault Transit encrypts and decrypts the data key
   (`POST /transit/encrypt/<key>`, `/decrypt/<key>` through hvac); the KEK never leaves
   Vault, and Vault's own key versions (`vault:v3:...`) handle rotation.
@@ -260,6 +262,10 @@ class LocalKeyring:
 
     async def wrap(self, data_key: bytes) -> WrappedKey:
         _check_data_key(data_key)
+        # `lineage-sidecar keys rotate` runs in another process: a running agent seals
+        # under the key the file names active now, not the one it started with (a stat
+        # per batch part; a keyring edited into a bad state is a KeyringError, retried).
+        self._reload_if_changed()
         return WrappedKey(self._active, aes_key_wrap(self._keys[self._active], data_key))
 
     async def unwrap(self, wrapped: WrappedKey) -> bytes:

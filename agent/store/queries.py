@@ -24,7 +24,7 @@ import asyncpg
 import msgspec
 
 from agent.derive.routes import DatasetRef
-from agent.events import AccessEvent, RunEvent
+from agent.events import AccessEvent, RunEvent, with_sorted_columns
 from agent.store.plan import identity_key
 
 __all__ = [
@@ -236,7 +236,7 @@ class LineageQueries:
                 "SELECT payload::text FROM events_raw WHERE event_id = $1", event_id
             )
             if payload is not None:
-                return msgspec.json.decode(payload, type=RunEvent)
+                return with_sorted_columns(msgspec.json.decode(payload, type=RunEvent))
             row = await connection.fetchrow(
                 """
                 SELECT a.*, d.namespace, d.name
@@ -367,9 +367,11 @@ class LineageQueries:
 async def _walk(
     connection: asyncpg.Connection, sql: str, root: int, depth: int, max_nodes: int
 ) -> _Walked:
-    # Each node can appear once per depth, so this row cap only bites on walks far bigger
-    # than max_nodes; when it does, the result is marked truncated.
-    row_cap = max_nodes * (depth + 1)
+    # Each node can appear once per depth, and only the root at depth 0, so a walk over at
+    # most max_nodes nodes has at most 1 + max_nodes * depth rows: reaching this cap proves
+    # more nodes were within reach, and the result is marked truncated. (A cap of
+    # max_nodes * (depth + 1) was reached by one node that feeds itself, max_nodes 1.)
+    row_cap = max_nodes * depth + 2
     rows = await connection.fetch(sql, root, depth, row_cap, max_nodes + 1)
     depths = {row["node_id"]: row["depth"] for row in rows[:max_nodes]}
     walked = rows[0]["walked"] if rows else 0

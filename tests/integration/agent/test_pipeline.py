@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -52,6 +54,8 @@ from tests.integration.agent.harness import (
     wait_for_events,
     write_spool,
 )
+
+CLI = str(Path(sys.executable).with_name("lineage-sidecar"))
 
 FAST_AGENT = AgentConfig(
     sink="kafka",
@@ -195,6 +199,34 @@ async def test_direct_sink_writes_the_same_rows_without_kafka(
     assert snap.edges == expected_edges(marker, range(3))
 
 
+async def test_direct_sink_dead_letters_an_unstorable_event_once_across_a_resend(
+    store_dsn: str, marker: str
+) -> None:
+    # An agent killed after the store committed but before its spool commit derives the
+    # same events again after the restart, into a new batch (a new batch id): the event
+    # PostgreSQL cannot hold must still be one dead letter row, as it is through Kafka.
+    events = reference_events(etl_records(marker, runs=1, per_run=2))
+    access = next(e for e in events if isinstance(e, AccessEvent))
+    unstorable = msgspec.structs.replace(access, principal="nul\x00here")
+    writer = await StoreWriter.connect(store_dsn)
+    sink = DirectSink(writer)
+    try:
+        for _attempt in range(2):
+            builder = BatchBuilder()
+            builder.add(unstorable)
+            await sink.send(builder.build())
+    finally:
+        await sink.close()
+    connection = await asyncpg.connect(store_dsn)
+    try:
+        rows = await connection.fetch("SELECT source, reason FROM dead_letter")
+    finally:
+        await connection.close()
+    assert len(rows) == 1, rows
+    assert "NUL" in rows[0]["reason"]
+    assert str(access.event_id) in rows[0]["source"]
+
+
 async def test_rotating_the_active_key_mid_stream_loses_no_batch(
     tmp_path: Path,
     store_dsn: str,
@@ -215,6 +247,50 @@ async def test_rotating_the_active_key_mid_stream_loses_no_batch(
     ):
         await wait_for_events(store_dsn, len(reference_events(before)))
         new_key = keyring.rotate()
+        write_spool(spool, after)
+        await wait_for_events(store_dsn, len(reference_events(before + after)))
+
+    assert_store_holds(await snapshot(store_dsn), before + after)
+    key_ids = {
+        decode_header(value).key_id
+        for _, value in await raw_messages(kafka_bootstrap, topic)
+        if value
+    }
+    assert key_ids == {old_key, new_key}
+
+
+async def test_a_rotation_by_the_keys_command_reaches_the_running_agent(
+    tmp_path: Path,
+    store_dsn: str,
+    kafka_bootstrap: str,
+    topic: str,
+    keyring: LocalKeyring,
+    marker: str,
+) -> None:
+    # `lineage-sidecar keys rotate KEYRING` is another process: the running agent must
+    # seal what it derives next under the new key, with no restart (docs/operations.md).
+    before = etl_records(marker, runs=2, per_run=8)
+    after = etl_records(marker, runs=2, per_run=8, first_run=2)
+    spool = tmp_path / "spool" / "w0"
+    write_spool(spool, before)
+    old_key = keyring.active_key_id
+    config = agent_config(tmp_path / "spool", kafka_bootstrap, topic)
+    agent_keyring = LocalKeyring(keyring.path, create=False)
+    async with (
+        running_agent(config, KafkaSink(config.kafka, agent_keyring)),
+        running_ingester(kafka_bootstrap, topic, keyring.path, store_dsn),
+    ):
+        await wait_for_events(store_dsn, len(reference_events(before)))
+        rotated = await asyncio.to_thread(
+            subprocess.run,
+            [CLI, "keys", "rotate", str(keyring.path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert rotated.returncode == 0, rotated.stderr
+        new_key = LocalKeyring(keyring.path, create=False).active_key_id
         write_spool(spool, after)
         await wait_for_events(store_dsn, len(reference_events(before + after)))
 

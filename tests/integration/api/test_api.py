@@ -113,6 +113,22 @@ async def test_tracking_the_same_events_again_changes_nothing(api: Api) -> None:
     assert (await graph(api, node=f"{NS}:a"))["edges"][0]["run_count"] == 1
 
 
+async def test_an_event_read_back_and_tracked_again_is_the_same_event(api: Api) -> None:
+    # JSON object keys carry no order: columns listed in another order, as PostgreSQL's
+    # jsonb gives them back, are the same event, not a second one.
+    grant_all(api, WRITER, "a", "b")
+    grant_all(api, READER, "a", "b")
+    columns = column_lineage({"id": [("a", "id")], "amount": [("a", "amt")]})
+    first = await track(api, run_event("run-1", ["a"], [dataset("b", columnLineage=columns)]))
+    status, body = await get(api, f"/lineage/{first['event_ids'][0]}")
+    assert status == 200
+    read = json.loads(body)["event"]
+    assert list(read["outputs"][0]["facets"]["columnLineage"]["fields"]) == ["amount", "id"]
+    again = await track(api, read)
+    assert again["event_ids"] == first["event_ids"]
+    assert (again["inserted"], again["duplicates"]) == (0, 1)
+
+
 async def _secret_chain(api: Api) -> dict[str, Any]:
     """A -> SECRET -> C, with column lineage through SECRET's column."""
     grant_all(api, WRITER, "a", SECRET, "c")

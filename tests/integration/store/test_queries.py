@@ -10,6 +10,7 @@ import msgspec
 import pytest
 
 from agent.derive.routes import DatasetRef
+from agent.events import RunEvent
 from agent.store.queries import Graph, LineageQueries
 from agent.store.writer import StoreWriter
 from tests.integration.store.factories import NS, T0, access_event, edge_run, run_event
@@ -100,6 +101,24 @@ async def test_max_nodes_keeps_the_nearest_and_says_truncated(
     assert len(exact.nodes) == 32
 
 
+async def test_a_dataset_that_feeds_itself_is_not_called_truncated(
+    writer: StoreWriter, queries: LineageQueries
+) -> None:
+    # A job that reads and rewrites one table: the walk meets that node at every depth,
+    # which must not pass for more nodes than the budget holds.
+    await write_edges(writer, [("ledger", "ledger")])
+    for direction in ("down", "up", "both"):
+        graph = await queries.lineage_graph(ref("ledger"), direction, depth=3, max_nodes=1)
+        assert names(graph) == {"ledger": 0}
+        assert graph is not None
+        assert not graph.truncated, direction
+    await write_edges(writer, [("ledger", "report")])
+    cut = await queries.lineage_graph(ref("ledger"), "down", depth=3, max_nodes=1)
+    assert names(cut) == {"ledger": 0}
+    assert cut is not None
+    assert cut.truncated
+
+
 async def test_a_long_chain_is_cut_at_the_depth(
     writer: StoreWriter, queries: LineageQueries
 ) -> None:
@@ -153,6 +172,28 @@ async def test_get_event_returns_run_and_access_events_as_written(
     assert await queries.get_event(run.event_id) == run
     assert await queries.get_event(access.event_id) == access
     assert await queries.get_event(uuid.uuid4()) is None
+
+
+async def test_a_run_event_read_back_is_the_event_it_is_stored_as(
+    writer: StoreWriter, queries: LineageQueries
+) -> None:
+    # jsonb keeps object keys in an order of its own (shorter first): the columns of a
+    # columnLineage facet must come back as written, or the event read back has another
+    # id than its own, and writing it again (a replay, a copy to another store) doubles it.
+    run = run_event(
+        "COMPLETE",
+        uuid.uuid4(),
+        inputs=["a"],
+        outputs=["b"],
+        columns={"b": {"amount": [("a", "amt")], "id": [("a", "id")]}},
+    )
+    await writer.write([run])
+    read = await queries.get_event(run.event_id)
+    assert isinstance(read, RunEvent)
+    assert read.event_id == run.event_id
+    assert msgspec.json.encode(read) == msgspec.json.encode(run)
+    again = await writer.write([read])
+    assert (again.inserted, again.duplicates) == (0, 1)
 
 
 async def test_run_returns_state_job_and_datasets(
