@@ -292,29 +292,34 @@ def read_until_closed(sock: socket.socket) -> bytes:
     return received
 
 
+def trickle_until_closed(sock: socket.socket) -> bytes:
+    """Send one header byte every 0.2 s, never finishing the head, until the proxy closes
+    the connection; what it sent back."""
+    stop = threading.Event()
+
+    def trickle() -> None:
+        try:
+            while not stop.wait(0.2):
+                sock.send(b"x")
+        except OSError:
+            pass
+
+    sender = threading.Thread(target=trickle, daemon=True)
+    sender.start()
+    try:
+        return read_until_closed(sock)
+    finally:
+        stop.set()
+        sender.join(PATIENCE)
+
+
 def test_slowloris_connection_is_answered_408_and_closed(
     header_timeout_proxy: RunningProxy,
 ) -> None:
     with socket.create_connection(("127.0.0.1", header_timeout_proxy.port)) as sock:
         sock.settimeout(PATIENCE)
         sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: ")
-        stop = threading.Event()
-
-        def trickle() -> None:
-            # One header byte at a time, never finishing the head.
-            try:
-                while not stop.wait(0.2):
-                    sock.send(b"x")
-            except OSError:
-                pass
-
-        sender = threading.Thread(target=trickle, daemon=True)
-        sender.start()
-        try:
-            received = read_until_closed(sock)
-        finally:
-            stop.set()
-            sender.join(PATIENCE)
+        received = trickle_until_closed(sock)
     assert received.startswith(b"HTTP/1.1 408 ")
     assert b'"error":"request_header_timeout"' in received
 
@@ -369,22 +374,7 @@ def test_slow_head_after_a_kept_alive_request_is_answered_408_and_closed(
         sock.sendall(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n")
         assert read_reply(sock).json()["target"] == "/first"
         sock.sendall(b"GET /second HTTP/1.1\r\nHost: a\r\nX-Slow: ")
-        stop = threading.Event()
-
-        def trickle() -> None:
-            try:
-                while not stop.wait(0.2):
-                    sock.send(b"x")
-            except OSError:
-                pass
-
-        sender = threading.Thread(target=trickle, daemon=True)
-        sender.start()
-        try:
-            received = read_until_closed(sock)
-        finally:
-            stop.set()
-            sender.join(PATIENCE)
+        received = trickle_until_closed(sock)
     assert received.startswith(b"HTTP/1.1 408 ")
     assert b'"error":"request_header_timeout"' in received
 

@@ -17,7 +17,7 @@ from agent.capture import CaptureRecord
 from agent.config import AgentConfig, AgentProcessConfig
 from agent.derive import Deriver
 from agent.events import LineageEvent
-from agent.spool import SpoolOptions, SpoolWriter
+from tests.integration.agent.harness import write_spool
 from tests.unit.agent.factories import make_record
 from tests.unit.agent.test_metrics import DERIVE, ListSink
 
@@ -48,13 +48,7 @@ async def test_the_loop_serves_others_while_a_read_is_being_derived(tmp_path: Pa
         make_record(f"r{index}", time_ns=now + index, path="/sales/t", resource="dataset:sales.t")
         for index in range(5)
     ]
-    writer = SpoolWriter(tmp_path / "w0", SpoolOptions())
-    try:
-        for record in records:
-            assert writer.append(record)
-        writer.flush()
-    finally:
-        writer.close()
+    write_spool(tmp_path / "w0", records)
     config = AgentProcessConfig(
         agent=AgentConfig(
             spool_dir=str(tmp_path), poll_interval=0.01, linger=0.01, tick_interval=0.05
