@@ -14,35 +14,26 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from agent.keys import LocalKeyring
 from agent.store.migrate import migrate
-from tests.integration.agent.harness import empty_store
-
-
-async def _admin(dsn: str, statement: str) -> None:
-    connection = await asyncpg.connect(dsn)
-    try:
-        await connection.execute(statement)
-    finally:
-        await connection.close()
+from tests.integration.agent.harness import empty_store, execute
 
 
 @pytest.fixture(scope="module")
 def agent_store_dsn(pg_dsn: str) -> Iterator[str]:
     """A migrated scratch database for one test module."""
     name = f"lineage_agent_test_{secrets.token_hex(6)}"
-    asyncio.run(_admin(pg_dsn, f'CREATE DATABASE "{name}"'))
+    asyncio.run(execute(pg_dsn, f'CREATE DATABASE "{name}"'))
     dsn = urlunsplit(urlsplit(pg_dsn)._replace(path="/" + name))
     try:
         asyncio.run(migrate(dsn))
         yield dsn
     finally:
-        asyncio.run(_admin(pg_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        asyncio.run(execute(pg_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture

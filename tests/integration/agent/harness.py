@@ -192,6 +192,15 @@ async def stored_event_count(dsn: str) -> int:
     return count
 
 
+async def execute(dsn: str, statement: str) -> None:
+    """One statement on a connection of its own (DDL, database creation)."""
+    connection = await asyncpg.connect(dsn)
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
 async def empty_store(dsn: str) -> None:
     connection = await asyncpg.connect(dsn)
     try:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
 import pytest
 import yaml
 
@@ -26,6 +25,7 @@ from tests.integration.agent.harness import (
     CLI,
     END_HEADER,
     etl_records,
+    execute,
     http_get,
     logged_admin_url,
     metric_samples,
@@ -135,14 +135,6 @@ async def test_the_agent_reports_health_readiness_and_metrics(
     host, port = admin.removeprefix("http://").rsplit(":", 1)
     with pytest.raises(ConnectionRefusedError), socket.create_connection((host, int(port)), 5):
         pass
-
-
-async def execute(dsn: str, statement: str) -> None:
-    connection = await asyncpg.connect(dsn)
-    try:
-        await connection.execute(statement)
-    finally:
-        await connection.close()
 
 
 async def test_a_sink_that_keeps_failing_turns_readyz_to_503_until_a_send_goes_through(
