@@ -222,8 +222,9 @@ class AccessEventView(msgspec.Struct, frozen=True, tag_field="kind", tag="access
 class AccessPage(msgspec.Struct, frozen=True):
     """Access events oldest first (by time, then event id). When the page is full, `next`
     is an opaque token: pass it as `after` (with the same other parameters) for the events
-    right after this page's last one; each event is listed exactly once. Null on the last
-    page."""
+    right after this page's last one; each event stored before the first page was asked
+    for is listed exactly once (one stored later with an earlier time falls before the
+    cursor: ask again from `since`). Null on the last page."""
 
     dataset: DatasetNode
     events: list[AccessRecord]
