@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import pytest
@@ -138,7 +139,9 @@ def test_forged_session_cookie_is_not_a_login(proxy: RunningProxy) -> None:
     assert status == 401
 
 
-def test_saml_login_through_the_proxy(echo_upstream: str, tmp_path: Path) -> None:
+def saml_auth(tmp_path: Path, **saml: Any) -> tuple[SamlIdentityProvider, int, str, dict[str, Any]]:
+    """A pysaml2 IdP, a port for the proxy (its SP URLs name it), the SAML base URL, and
+    the proxy's `auth` section trusting that IdP (with `saml` options added)."""
     keys = tmp_path / "keys"
     keys.mkdir()
     idp = SamlIdentityProvider(tmp_path, IDP_ENTITY, make_keypair(keys, "idp"))
@@ -156,10 +159,30 @@ def test_saml_login_through_the_proxy(echo_upstream: str, tmp_path: Path) -> Non
             "sp_key_file": sp.key_file,
             "sp_cert_file": sp.cert_file,
             "cookie_secure": False,
-            "role_mappings": [{"attribute": "groups", "copy_values": True}],
+            **saml,
         },
-        "browser_login": "saml",
     }
+    return idp, port, base, auth
+
+
+def post_to_acs(port: int, form: bytes, cookies: str) -> http.client.HTTPResponse:
+    """The browser's POST of the IdP's answer to the proxy's ACS, read whole."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    connection.request(
+        "POST", "/_sidecar/saml/acs", body=form,
+        headers={"Content-Type": "application/x-www-form-urlencoded", "Cookie": cookies},
+    )  # fmt: skip
+    response = connection.getresponse()
+    response.read()
+    connection.close()
+    return response
+
+
+def test_saml_login_through_the_proxy(echo_upstream: str, tmp_path: Path) -> None:
+    idp, port, base, auth = saml_auth(
+        tmp_path, role_mappings=[{"attribute": "groups", "copy_values": True}]
+    )
+    auth["browser_login"] = "saml"
     with run_proxy(tmp_path / "proxy", echo_upstream, extra={"auth": auth}, port=port) as proxy:
         browser = Browser()
         status, _, metadata = browser.get(f"{base}/metadata", accept="application/xml")
@@ -174,34 +197,19 @@ def test_saml_login_through_the_proxy(echo_upstream: str, tmp_path: Path) -> Non
         answer = idp.respond(seen, attributes={"groups": ["analyst"]})
         form = urlencode(post_body(answer)).encode()
         cookies = "; ".join(f"{k}={v}" for k, v in browser.cookies.items())
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        connection.request(
-            "POST", "/_sidecar/saml/acs", body=form,
-            headers={"Content-Type": "application/x-www-form-urlencoded", "Cookie": cookies},
-        )  # fmt: skip
-        response = connection.getresponse()
-        response.read()
+        response = post_to_acs(port, form, cookies)
         assert response.status == 302
         assert response.headers["Location"] == "/sales/orders.json"
         for header in response.headers.get_all("Set-Cookie") or []:
             name, _, rest = header.partition("=")
             browser.cookies[name] = rest.split(";")[0]
-        connection.close()
         status, _, body = browser.get(f"{proxy.url}/sales/orders.json")
         assert status == 200, body
         headers = {k.lower(): v for k, v in json.loads(body)["headers"]}
         assert headers["x-auth-request-user"] == "alice@corp.example"
         assert headers["x-auth-request-roles"] == "analyst"
         # The same response again is a replay: refused, no second session.
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        connection.request(
-            "POST", "/_sidecar/saml/acs", body=form,
-            headers={"Content-Type": "application/x-www-form-urlencoded", "Cookie": cookies},
-        )  # fmt: skip
-        replay = connection.getresponse()
-        replay.read()
-        connection.close()
-        assert replay.status in (400, 401)
+        assert post_to_acs(port, form, cookies).status in (400, 401)
 
 
 def test_opaque_tokens_are_introspected(
@@ -289,46 +297,21 @@ def test_sign_out_everywhere_through_the_proxy(proxy: RunningProxy) -> None:
 
 def test_saml_session_ends_when_the_idp_says(echo_upstream: str, tmp_path: Path) -> None:
     """SessionNotOnOrAfter in the assertion bounds the session the proxy starts."""
-    keys = tmp_path / "keys"
-    keys.mkdir()
-    idp = SamlIdentityProvider(tmp_path, IDP_ENTITY, make_keypair(keys, "idp"))
-    sp = make_keypair(keys, "sp")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}/_sidecar/saml"
-    auth = {
-        "sessions": {"signing_keys": ["k" * 40]},
-        "saml": {
-            "entity_id": f"{base}/metadata",
-            "acs_url": f"{base}/acs",
-            "metadata_url": f"{base}/metadata",
-            "idp_entity_id": IDP_ENTITY,
-            "idp_metadata_file": str(idp.metadata_file),
-            "sp_key_file": sp.key_file,
-            "sp_cert_file": sp.cert_file,
-            "cookie_secure": False,
-        },
-    }
+    idp, port, base, auth = saml_auth(tmp_path)
     with run_proxy(tmp_path / "proxy", echo_upstream, extra={"auth": auth}, port=port) as proxy:
         browser = Browser()
         idp.trust_sp(browser.get(f"{base}/metadata", accept="application/xml")[2])
         status, location, _ = browser.get(f"{base}/login?return_to=/x")
         assert status == 302
-        session_end = time.time() + 3
+        # Far enough ahead that the login below is done well before it, however slow the
+        # machine; the assertion carries whole seconds.
+        session_end = int(time.time()) + 10
         answer = idp.respond(
             idp.receive(location),
             session_not_on_or_after=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(session_end)),
         )
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        connection.request(
-            "POST", "/_sidecar/saml/acs", body=urlencode(post_body(answer)).encode(),
-            headers={
-                "Content-Type": "application/x-www-form-urlencoded",
-                "Cookie": "; ".join(f"{k}={v}" for k, v in browser.cookies.items()),
-            },
-        )  # fmt: skip
-        response = connection.getresponse()
-        response.read()
-        connection.close()
+        cookies = "; ".join(f"{k}={v}" for k, v in browser.cookies.items())
+        response = post_to_acs(port, urlencode(post_body(answer)).encode(), cookies)
         assert response.status == 302
         (session,) = [h for h in response.headers.get_all("Set-Cookie") or [] if "session" in h]
         name, _, rest = session.partition("=")
