@@ -192,6 +192,13 @@ async def stored_event_count(dsn: str) -> int:
     return count
 
 
+def run_command(command: list[str]) -> subprocess.CompletedProcess[str]:
+    """A command that is expected to end by itself (a refused start), its output kept."""
+    return subprocess.run(
+        command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
 async def execute(dsn: str, statement: str) -> None:
     """One statement on a connection of its own (DDL, database creation)."""
     connection = await asyncpg.connect(dsn)

@@ -30,13 +30,13 @@ from tests.integration.agent.harness import (
     logged_admin_url,
     metric_samples,
     reference_events,
+    run_command,
     start_process,
     stored_event_count,
     wait_for,
     wait_for_events,
     write_spool,
 )
-from tests.services import REPO_ROOT
 
 
 def write_config(path: Path, spool: Path, dsn: str, admin_listen: str) -> Path:
@@ -200,12 +200,6 @@ COMMANDS = {
 }
 
 
-def run(command: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False
-    )
-
-
 @pytest.mark.parametrize("entry", sorted(COMMANDS))
 def test_an_admin_port_in_use_stops_the_start_with_one_line(tmp_path: Path, entry: str) -> None:
     # Nothing listens at this store: the listener is bound before the sink is opened.
@@ -215,7 +209,7 @@ def test_an_admin_port_in_use_stops_the_start_with_one_line(tmp_path: Path, entr
         taken.listen()
         listen = f"127.0.0.1:{taken.getsockname()[1]}"
         config = write_config(tmp_path / "agent.yaml", tmp_path / "spool", unreachable, listen)
-        result = run([*COMMANDS[entry], str(config)])
+        result = run_command([*COMMANDS[entry], str(config)])
     assert result.returncode == 1, result.stderr
     [line] = result.stderr.strip().splitlines()
     prog = "lineage-sidecar" if entry == "cli" else "python -m agent.agent"
@@ -227,7 +221,7 @@ def test_a_bad_admin_listen_exits_non_zero_with_one_line_naming_it(
     tmp_path: Path, entry: str
 ) -> None:
     config = write_config(tmp_path / "agent.yaml", tmp_path / "spool", "unused", "localhost:99999")
-    result = run([*COMMANDS[entry], str(config)])
+    result = run_command([*COMMANDS[entry], str(config)])
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert "agent.admin_listen: port 99999 is out of range" in line

@@ -30,12 +30,12 @@ from tests.integration.agent.harness import (
     logged_admin_url,
     metric_samples,
     reference_events,
+    run_command,
     snapshot,
     start_process,
     stored_event_count,
     wait_for,
 )
-from tests.services import REPO_ROOT
 
 
 def write_config(
@@ -193,12 +193,6 @@ COMMANDS = {
 }
 
 
-def run(command: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False
-    )
-
-
 @pytest.mark.parametrize("entry", sorted(COMMANDS))
 def test_an_admin_port_in_use_stops_the_start_with_one_line(tmp_path: Path, entry: str) -> None:
     # Nothing listens at this store or broker: the listener is bound before either is used.
@@ -214,7 +208,7 @@ def test_an_admin_port_in_use_stops_the_start_with_one_line(tmp_path: Path, entr
             dsn="postgresql://unused@127.0.0.1:1/unused",
             admin_listen=listen,
         )
-        result = run([*COMMANDS[entry], str(config)])
+        result = run_command([*COMMANDS[entry], str(config)])
     assert result.returncode == 1, result.stderr
     [line] = result.stderr.strip().splitlines()
     prog = "lineage-sidecar" if entry == "cli" else "python -m agent.ingest"
@@ -233,7 +227,7 @@ def test_a_bad_admin_listen_exits_non_zero_with_one_line_naming_it(
         dsn="unused",
         admin_listen="localhost:99999",
     )
-    result = run([*COMMANDS[entry], str(config)])
+    result = run_command([*COMMANDS[entry], str(config)])
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert "ingest.admin_listen: port 99999 is out of range" in line
