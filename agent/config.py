@@ -439,8 +439,17 @@ class FileTooLarge(FileRefused):
     """A regular file larger than the limit it was read with."""
 
 
-def read_regular_file(path: str | os.PathLike[str], limit: int) -> bytes:
-    """The content of a regular file (symlinks followed) of at most `limit` bytes.
+class FileNotPrivate(FileRefused):
+    """A file read as private that group or others may access; `mode` is its mode."""
+
+    def __init__(self, mode: int) -> None:
+        super().__init__(f"mode {mode:04o} lets group or others access it")
+        self.mode = mode
+
+
+def read_regular_file(path: str | os.PathLike[str], limit: int, *, private: bool = False) -> bytes:
+    """The content of a regular file (symlinks followed) of at most `limit` bytes, and with
+    `private` one that only its owner may access.
 
     Raises FileRefused for anything else; OSError (missing, not permitted) is left to the
     caller."""
@@ -448,10 +457,13 @@ def read_regular_file(path: str | os.PathLike[str], limit: int) -> bytes:
     # no effect on the regular file that is then read.
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as handle:
+        # fstat on the open file: the mode checked is the mode of what is read.
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             kind = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
             raise FileRefused(f"not a regular file ({kind})")
+        if private and mode & 0o077:
+            raise FileNotPrivate(stat.S_IMODE(mode))
         data = handle.read(limit + 1)
     if len(data) > limit:
         raise FileTooLarge(f"larger than {limit} bytes")

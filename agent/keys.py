@@ -39,7 +39,6 @@ import logging
 import os
 import re
 import secrets
-import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,7 +47,13 @@ from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
-from agent.config import SECRET_MAX_BYTES, FileRefused, read_regular_file
+from agent.config import (
+    SECRET_MAX_BYTES,
+    FileNotPrivate,
+    FileRefused,
+    FileTooLarge,
+    read_regular_file,
+)
 
 if TYPE_CHECKING:
     from agent.config import KeysConfig
@@ -179,34 +184,24 @@ def _render_keyring(keys: dict[str, bytes], created: dict[str, str], active: str
     return (json.dumps(document, indent=2) + "\n").encode()
 
 
+# A keyring of thousands of keys is a few hundred KB.
+KEYRING_MAX_BYTES = 1 << 20
+
+
 def _read_private_file(path: Path) -> bytes:
     """Read a secret file, refusing one that group or others can access."""
     try:
-        # O_NONBLOCK: a FIFO at the keyring's path would otherwise hang the start until
-        # something writes to it; it is then refused below as not a regular file.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return read_regular_file(path, KEYRING_MAX_BYTES, private=True)
     except FileNotFoundError:
         raise
+    except FileNotPrivate as exc:
+        raise KeyringError(f"keyring {path}: {exc}; run: chmod 600 {path}") from None
+    except FileTooLarge:
+        raise KeyringError(f"keyring {path}: larger than 1 MiB") from None
+    except FileRefused as exc:
+        raise KeyringError(f"keyring {path}: {exc}") from None
     except OSError as exc:
         raise KeyringError(f"keyring {path}: cannot open: {exc.strerror}") from None
-    try:
-        # fstat on the open file: the mode checked is the mode of what is read.
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise KeyringError(f"keyring {path}: not a regular file")
-        if mode & 0o077:
-            raise KeyringError(
-                f"keyring {path}: mode {stat.S_IMODE(mode):04o} lets group or others "
-                f"access it; run: chmod 600 {path}"
-            )
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-            if sum(map(len, chunks)) > 1 << 20:
-                raise KeyringError(f"keyring {path}: larger than 1 MiB")
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
 
 
 def _write_private_file(path: Path, data: bytes) -> None:
